@@ -1,0 +1,1 @@
+"""Ray actors: learner group, rollout actors, reward deployments, weight sync, controller."""

@@ -1,0 +1,49 @@
+"""Starting and joining Ray safely: loopback-only by default (design D15 / issue 12)."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_env() -> dict[str, str]:
+    """Environment variables that keep a locally started Ray (and its workers) on 127.0.0.1."""
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, include_dashboard: bool = False,
+                    dashboard_host: str = LOOPBACK, metrics_export_port: int | None = None,
+                    address: str | None = None, runtime_env: dict | None = None):
+    """Join the Ray cluster at ``address`` (e.g. under ``ray job submit``) or start a local one bound to loopback.
+
+    A local cluster binds the node IP, the dashboard and every port to 127.0.0.1 unless the caller passes another
+    ``dashboard_host`` explicitly. Returns ``ray.init``'s context.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = address or os.environ.get("RAY_ADDRESS")
+    env_vars = dict(loopback_env())
+    env_vars.update((runtime_env or {}).get("env_vars", {}))
+    runtime_env = dict(runtime_env or {}, env_vars=env_vars)
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    for key, value in loopback_env().items():
+        os.environ.setdefault(key, value)
+    kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
+                  runtime_env=runtime_env, _node_ip_address=LOOPBACK)
+    if include_dashboard:
+        kwargs["dashboard_host"] = dashboard_host
+    if metrics_export_port is not None:
+        kwargs["_metrics_export_port"] = metrics_export_port
+    log.info("starting a local Ray cluster on %s (dashboard: %s)", LOOPBACK, include_dashboard)
+    return ray.init(**kwargs)

@@ -1,0 +1,1 @@
+"""Typed configuration (dataclasses) and the YAML files of the service."""

@@ -1,0 +1,1 @@
+"""Command-line entrypoints (`python -m launch.<name>`)."""

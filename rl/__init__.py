@@ -1,0 +1,1 @@
+"""UniCTask-GRPO algorithm core: data, prompts, Dr.GRPO objective, DSOG controller. No Ray inside."""
