@@ -1,0 +1,144 @@
+"""The reward ensemble: ``R = Σ_e w_e(category) · score_e`` (paper Eq. 12, App. E).
+
+Weights per category: human (TIER .4, BER .2, DER .2, FER .2); animal / object (TIER .4, BER .3, DER .3).
+When an optional expert is unavailable (dropped, its server down), its weight is removed and the remaining
+weights of that sample are renormalised to the same total; each such sample is reported in
+``EnsembleResult.notes`` and logged. A required expert missing, an unknown category, a score array of the
+wrong shape or a non-finite score (from any expert, used or not) is an error.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from rewards.base import NonFiniteScoreError, RewardExpert, ScoreBatch
+
+__all__ = ["EnsembleConfig", "EnsembleResult", "RewardEnsemble"]
+
+log = logging.getLogger(__name__)
+
+
+def _paper_weights() -> dict[str, dict[str, float]]:
+    return {
+        "human": {"tier": 0.4, "ber": 0.2, "der": 0.2, "fer": 0.2},
+        "animal": {"tier": 0.4, "ber": 0.3, "der": 0.3},
+        "object": {"tier": 0.4, "ber": 0.3, "der": 0.3},
+    }
+
+
+@dataclass
+class EnsembleConfig:
+    """Ensemble weights per concept category."""
+
+    weights: dict[str, dict[str, float]] = field(default_factory=_paper_weights)
+    """category -> {expert name -> weight} (paper App. E: human .4/.2/.2/.2, animal/object .4/.3/.3)."""
+    required: list[str] = field(default_factory=lambda: ["tier"])
+    """Experts that may never be dropped (a sample whose required expert is unavailable is an error)."""
+
+    def validate(self) -> None:
+        """Weights are finite and >= 0, and every category has a positive total."""
+        for cat, ws in self.weights.items():
+            for name, w in ws.items():
+                if not np.isfinite(w) or w < 0:
+                    raise ValueError(f"ensemble: weights.{cat}.{name} = {w} must be finite and >= 0")
+            if sum(ws.values()) <= 0:
+                raise ValueError(f"ensemble: weights.{cat} has no positive weight")
+
+    @property
+    def experts(self) -> list[str]:
+        """Every expert that has a positive weight in some category (sorted)."""
+        return sorted({n for ws in self.weights.values() for n, w in ws.items() if w > 0})
+
+
+@dataclass
+class EnsembleResult:
+    """The total reward with everything that went into it."""
+
+    total: np.ndarray
+    """float32 [B] ensemble reward."""
+    per_expert: dict[str, np.ndarray]
+    """expert name -> float32 [B] scores (0 where the expert has no weight for that sample)."""
+    weights: dict[str, np.ndarray]
+    """expert name -> float32 [B] effective (renormalised) weight used for each sample."""
+    notes: list[str] = field(default_factory=list)
+    """Human-readable notes, e.g. which samples were renormalised because an expert was dropped."""
+
+
+class RewardEnsemble:
+    """Combines per-expert scores with the category weights; optionally runs the experts itself."""
+
+    def __init__(self, config: EnsembleConfig | None = None):
+        self.config = config or EnsembleConfig()
+        self.config.validate()
+
+    def sample_weights(self, category: str, available: set[str]) -> tuple[dict[str, float], list[str]]:
+        """Effective weights of one sample given the available experts, and the dropped ones."""
+        if category not in self.config.weights:
+            raise ValueError(f"ensemble: unknown category {category!r}; known: {sorted(self.config.weights)}")
+        ws = {n: w for n, w in self.config.weights[category].items() if w > 0}
+        dropped = sorted(n for n in ws if n not in available)
+        required_missing = [n for n in dropped if n in self.config.required]
+        if required_missing:
+            raise ValueError(f"ensemble: required expert(s) {required_missing} unavailable for category "
+                             f"{category!r}")
+        kept = {n: w for n, w in ws.items() if n in available}
+        if not kept:
+            raise ValueError(f"ensemble: no available expert for category {category!r} (dropped {dropped})")
+        if dropped:
+            scale = sum(ws.values()) / sum(kept.values())
+            kept = {n: w * scale for n, w in kept.items()}
+        return kept, dropped
+
+    def combine(self, per_expert: Mapping[str, np.ndarray], categories: list[str],
+                available: set[str] | None = None) -> EnsembleResult:
+        """Weighted total per sample. ``available`` defaults to the experts present in ``per_expert``;
+        an expert with a weight for a sample but not available is dropped and the rest renormalised."""
+        n = len(categories)
+        if n == 0:
+            raise ValueError("ensemble: empty batch (no categories)")
+        avail = set(per_expert) if available is None else set(available) & set(per_expert)
+        scores: dict[str, np.ndarray] = {}
+        for name, arr in per_expert.items():
+            a = np.asarray(arr, dtype=np.float32)
+            if a.shape != (n,):
+                raise ValueError(f"ensemble: scores of {name!r} have shape {a.shape}, expected ({n},)")
+            bad = np.flatnonzero(~np.isfinite(a))
+            if bad.size:
+                raise NonFiniteScoreError(f"ensemble: expert {name!r} gave non-finite score(s) {a[bad].tolist()} "
+                                          f"at sample(s) {bad.tolist()}")
+            scores[name] = a
+        total = np.zeros(n, dtype=np.float64)
+        eff = {name: np.zeros(n, dtype=np.float32) for name in self.config.experts if name in scores}
+        notes: list[str] = []
+        for i, cat in enumerate(categories):
+            ws, dropped = self.sample_weights(cat, avail)
+            if dropped:
+                notes.append(f"sample {i} ({cat}): dropped {dropped}, renormalised {sorted(ws)} to "
+                             f"{ {k: round(v, 4) for k, v in ws.items()} }")
+            for name, w in ws.items():
+                total[i] += w * scores[name][i]
+                eff[name][i] = w
+        for note in notes:
+            log.warning("reward ensemble: %s", note)
+        return EnsembleResult(total=total.astype(np.float32), per_expert=scores, weights=eff, notes=notes)
+
+    def score(self, experts: Mapping[str, RewardExpert], batch: ScoreBatch, categories: list[str]
+              ) -> EnsembleResult:
+        """Run each expert on the samples that weight it (e.g. FER on humans only), then :meth:`combine`.
+
+        Experts missing from ``experts`` count as unavailable (optional ones are renormalised away).
+        """
+        batch.validate()
+        if len(categories) != len(batch):
+            raise ValueError(f"ensemble: {len(categories)} categories for a batch of {len(batch)}")
+        per_expert: dict[str, np.ndarray] = {}
+        for name, expert in experts.items():
+            rows = [i for i, c in enumerate(categories) if self.config.weights.get(c, {}).get(name, 0) > 0]
+            out = np.zeros(len(batch), dtype=np.float32)
+            if rows:
+                out[rows] = expert.score(batch if len(rows) == len(batch) else batch.select(rows))
+            per_expert[name] = out
+        return self.combine(per_expert, categories)
