@@ -74,3 +74,118 @@ def test_step_math_on_plain_logits():
     assert res.tau == pytest.approx(0.5 * (1 - 4 / 8))
     one = maskgit_step(logits[1:2], cur[1:2], 3, 8, 0.5, gens(6), mask_id, off)
     assert torch.equal(one.chosen[0], res.chosen[1]) and torch.equal(one.next_ids[0], res.next_ids[1])
+
+
+# ------------------------------------------------------------------------------------------- tiny model
+N_IMG = 16
+PROMPTS = ["a photo of a dog", "a red car on a street", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from backbone.phi import ShowoPhi, ShowoPhiConfig
+    from backbone.tokenizer import ShowoTokenizer
+
+    tok = ShowoTokenizer.build_for_tests(codebook_size=128)
+    torch.manual_seed(0)
+    model = ShowoPhi(ShowoPhiConfig.tiny(vocab_size=tok.vocab_size)).eval()
+    return model, tok
+
+
+def t2i(tok, texts):
+    from backbone.prompts import build_t2i_inputs
+
+    return build_t2i_inputs(tok, texts, N_IMG)
+
+
+def run(model, tok, texts, seeds, cfg=None, stop=None):
+    s = MaskGITSampler(model, tok, cfg or SamplerConfig.tiny())
+    return s, s.run(s.start(t2i(tok, texts), gens(*seeds)), stop_after_step=stop)
+
+
+def test_schedule_followed_and_final_grid(tiny):
+    model, tok = tiny
+    _, st = run(model, tok, PROMPTS, [1, 2, 3])
+    traj = st.trajectory
+    T = SamplerConfig.tiny().timesteps
+    assert st.done and traj.states.shape == (3, T, N_IMG) and traj.logps.dtype == torch.float32
+    table = schedule_table(T, N_IMG)
+    masked_before = (traj.states == tok.mask_id).sum(-1)  # [B,T]
+    assert (masked_before[:, 0] == N_IMG).all()
+    for k in range(1, T):
+        assert (masked_before[:, k] == table[k - 1][0]).all(), k
+    assert ((st.image_ids == tok.mask_id).sum(-1) == table[-1][0]).all()
+    # once fixed, a token never changes; chosen keeps fixed codes
+    for k in range(T):
+        fixed = traj.states[:, k] != tok.mask_id
+        assert torch.equal(traj.chosen[:, k][fixed], traj.states[:, k][fixed] - tok.image_offset)
+    final = st.final_ids
+    assert final is not None and ((final >= 0) & (final < tok.codebook_size)).all()
+    assert torch.equal(final, traj.chosen[:, -1])
+    assert torch.isfinite(traj.logps).all() and (traj.logps <= 0).all()
+
+
+def test_same_seed_same_grid_and_batch_independence(tiny):
+    model, tok = tiny
+    _, a = run(model, tok, PROMPTS, [7, 8, 9])
+    _, b = run(model, tok, PROMPTS, [7, 8, 9])
+    assert torch.equal(a.final_ids, b.final_ids)
+    _, alone = run(model, tok, PROMPTS[1:2], [8])
+    assert torch.equal(alone.final_ids[0], a.final_ids[1])
+    assert torch.equal(alone.trajectory.logps[0], a.trajectory.logps[1])
+    _, other = run(model, tok, PROMPTS, [7, 99, 9])
+    assert not torch.equal(other.final_ids[1], a.final_ids[1])
+
+
+def test_pause_resume_bit_identical_and_preview(tiny):
+    model, tok = tiny
+    _, full = run(model, tok, PROMPTS, [4, 5, 6])
+    s, st = run(model, tok, PROMPTS, [4, 5, 6], stop=5)
+    assert st.step == 5 and not st.done and st.final_ids is None
+    preview = s.preview_ids(st)
+    assert ((preview >= 0) & (preview < tok.codebook_size)).all()
+    assert (st.image_ids == tok.mask_id).any() and not torch.equal(preview + tok.image_offset, st.image_ids)
+    assert torch.equal(preview, full.trajectory.chosen[:, 4])
+    s.run(st)
+    assert torch.equal(st.final_ids, full.final_ids)
+    for name in ("states", "chosen", "logps"):
+        assert torch.equal(getattr(st.trajectory, name), getattr(full.trajectory, name)), name
+    # select(): continue a subset, same result as the uninterrupted batch
+    s2, st2 = run(model, tok, PROMPTS, [4, 5, 6], stop=3)
+    sub = s2.run(st2.select([2, 0]))
+    assert torch.equal(sub.final_ids, full.final_ids[[2, 0]])
+    with pytest.raises(ValueError):
+        s2.preview_ids(s2.start(t2i(tok, PROMPTS[:1]), gens(1)))
+
+
+def test_prefix_reuse_logits_match_full_recompute(tiny):
+    model, tok = tiny
+    s, st = run(model, tok, PROMPTS, [1, 2, 3])
+    traj = st.trajectory
+    with torch.no_grad():
+        for k in (0, 3, SamplerConfig.tiny().timesteps - 1):
+            fast = cfg_code_logits(model, tok, st.batch, traj.states[:, k], 5.0, prefix_kv=st.prefix_kv,
+                                   block_mask=st.block_mask)
+            slow = cfg_code_logits(model, tok, st.batch, traj.states[:, k], 5.0, prefix_kv=None)
+            assert fast.shape == (3, N_IMG, tok.codebook_size)
+            assert (fast - slow).abs().max() <= 1e-5
+            # independent check: full-vocab logits, image slice, code columns, CFG by hand
+            p = st.batch.prefix_len
+            ids = st.batch.ids.clone()
+            ids[:, p + 1:p + 1 + N_IMG] = traj.states[:, k].repeat(2, 1)
+            full = model(ids, st.batch.mask).logits[:, p + 1:p + 1 + N_IMG, tok.image_offset:tok.mask_id]
+            c, u = full.chunk(2)
+            assert (fast - (6 * c - 5 * u)).abs().max() <= 1e-5
+    # the sampler without prefix reuse gives the same trajectory
+    _, slow_run = run(model, tok, PROMPTS, [1, 2, 3], cfg=SamplerConfig(timesteps=12, reuse_prefix_kv=False))
+    assert torch.equal(slow_run.final_ids, st.final_ids)
+
+
+def test_no_cfg_and_errors(tiny):
+    model, tok = tiny
+    _, st = run(model, tok, PROMPTS[:2], [1, 2], cfg=SamplerConfig(timesteps=4, guidance_scale=0.0))
+    assert st.done and st.batch.ids.shape[0] == 2
+    with pytest.raises(ValueError):
+        MaskGITSampler(model, tok, SamplerConfig(schedule="linear"))
+    with pytest.raises(ValueError):
+        MaskGITSampler(model, tok, SamplerConfig.tiny()).start(t2i(tok, PROMPTS), gens(1))
