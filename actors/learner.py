@@ -1,0 +1,379 @@
+"""Learner group: N Ray actors forming one DeepSpeed data-parallel job (design D1, D4, D5, D11, D12).
+
+Each rank builds the same policy (same config + seed → same init), a frozen reference copy, and a DeepSpeed engine
+(ZeRO stage from config; bf16 on GPU, fp32 + gloo on CPU; torch AdamW as client optimizer, so no op JIT builds).
+``train_step(samples)``: the driver deals the replay units over the ranks (``learner_step.schedule_units``), every
+rank replays its units with one ``engine.backward`` each, then one ``engine.step()`` (grad clip, AdamW).
+
+Gradient accumulation: DeepSpeed runs with ``managed_gradient_accumulation: false`` (``backward`` only accumulates;
+``step()`` is the boundary, whatever the number of units) and ``gradient_accumulation_steps: 1``; backward is called
+with ``scale_wrt_gas=False``. DeepSpeed averages gradients over ranks, so unit losses are multiplied by the world
+size: the reduced gradient equals the single-process gradient of the whole step's loss (tests/test_learner.py).
+
+Every wait on the ranks is bounded (``collective_timeout_s``; it is also the torch.distributed timeout inside the
+ranks), and a timeout names the ranks that did not answer.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import ray
+
+from actors.weight_sync import SyncConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnerConfig:
+    """Learner group: ranks, DeepSpeed, optimizer (paper: AdamW lr 1e-6, betas (0.9, 0.999), wd 1e-3, eps 1e-8)."""
+
+    num_ranks: int = 4
+    """DeepSpeed data-parallel ranks (one Ray actor each)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0, 1 or 2 (3 is not supported by the weight sync)."""
+    dtype: str = "auto"
+    """"auto" (bf16 on GPU, fp32 on CPU) | "bfloat16" | "float32"; fp16 is not supported."""
+    lr: float = 1e-6
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 1e-3
+    """AdamW weight decay (0 for the row parameters under trainable="concept_rows", so frozen rows stay exact)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    trainable: str = "all"
+    """D1: "all" Show-o weights, or "concept_rows" (only the concept tokens' embedding / lm_head rows)."""
+    optimizer: str = "adamw"
+    """"adamw" (torch AdamW) | "sgd" (plain SGD, no momentum: lets tests read the reduced gradient as the update)."""
+    collective_timeout_s: float = 600.0
+    """Bound on every collective inside the ranks and on every driver-side wait for them."""
+    num_cpus_per_rank: float = 4.0
+    """CPUs reserved per learner rank."""
+    num_gpus_per_rank: float = 1.0
+    """GPUs reserved per learner rank (0 on CPU-only clusters)."""
+
+    @classmethod
+    def tiny(cls) -> "LearnerConfig":
+        """CPU test values: 2 ranks, 1 CPU each, no GPU, short timeouts."""
+        return cls(num_ranks=2, collective_timeout_s=120.0, num_cpus_per_rank=1.0, num_gpus_per_rank=0.0)
+
+    def validate(self) -> None:
+        """Reject impossible values (messages name the field)."""
+        if self.num_ranks < 1:
+            raise ValueError(f"learner.num_ranks must be >= 1, got {self.num_ranks}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"learner.zero_stage must be 0, 1 or 2 (weight sync needs full params), "
+                             f"got {self.zero_stage}")
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"learner.dtype must be auto|bfloat16|float32, got {self.dtype!r}")
+        if self.trainable not in ("all", "concept_rows"):
+            raise ValueError(f"learner.trainable must be 'all' or 'concept_rows', got {self.trainable!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"learner.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+
+
+class LearnerTimeout(TimeoutError):
+    """Learner ranks did not finish a call within ``collective_timeout_s``; names the ranks."""
+
+
+def deepspeed_config(cfg: LearnerConfig, on_gpu: bool) -> dict:
+    """The DeepSpeed config dict of one rank."""
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu)
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": float(cfg.grad_clip),
+        "zero_optimization": {"stage": int(cfg.zero_stage), "overlap_comm": False, "contiguous_gradients": True},
+        "bf16": {"enabled": bool(bf16)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class LearnerWorker:
+    """One DeepSpeed rank (run as a Ray actor by :class:`LearnerGroup`)."""
+
+    def __init__(self, rank: int, world: int, cfg: Any, backend_factory: Callable | None = None):
+        """``cfg``: TrainConfig (``cfg.learner`` is used here; the backend factory reads the rest)."""
+        self.rank, self.world, self.cfg = rank, world, cfg
+        self.lcfg: LearnerConfig = cfg.learner
+        self.backend_factory = backend_factory
+        self.engine = None
+        self.backend = None
+        self._sync = None
+
+    def address(self) -> tuple[str, int]:
+        """(node IP, a free port) – rank 0's answer becomes MASTER_ADDR/PORT."""
+        from actors.weight_sync import free_port
+
+        ip = ray.util.get_node_ip_address()
+        return ip, free_port(ip)
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the DeepSpeed process group, build policy + reference, create the engine."""
+        import importlib
+
+        import torch
+
+        t0 = time.perf_counter()
+        on_gpu = self.lcfg.num_gpus_per_rank > 0 and torch.cuda.is_available()
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if on_gpu:
+            torch.cuda.set_device(0)
+        device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+        import deepspeed
+
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # skip the CPU shm JIT build
+        timeout = datetime.timedelta(seconds=self.lcfg.collective_timeout_s)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timeout, verbose=False)
+        if self.backend_factory is None:
+            from actors.learner_step import make_showo_backend
+
+            self.backend = make_showo_backend(self.cfg, device)
+        else:
+            self.backend = self.backend_factory(self.cfg, device)
+        module = self.backend.module.to(device)
+        self.engine, *_ = deepspeed.initialize(model=module, optimizer=self._optimizer(module),
+                                               config=deepspeed_config(self.lcfg, on_gpu))
+        if getattr(self.backend, "reference", None) is not None:
+            self.backend.reference.to(device=device, dtype=next(self.engine.module.parameters()).dtype)
+        return {"rank": self.rank, "setup_s": time.perf_counter() - t0, "device": str(device),
+                "params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+
+    def _optimizer(self, module):
+        """Client optimizer: torch AdamW (or SGD); row params get no weight decay under concept_rows."""
+        import torch
+
+        c = self.lcfg
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        rows = set(getattr(self.backend, "row_params", ()) or ()) if c.trainable == "concept_rows" else set()
+        groups = [{"params": [p for n, p in trainable if n not in rows], "weight_decay": c.weight_decay},
+                  {"params": [p for n, p in trainable if n in rows], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=c.lr)
+        return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+
+    def train_step(self, samples: Sequence[Any], units: list) -> dict[str, float]:
+        """Replay ``units`` (this rank's share), then one optimizer step. Returns stats sums + grad norm + time."""
+        from actors.learner_step import run_units
+
+        t0 = time.perf_counter()
+        engine = self.engine
+        engine.train()
+        if hasattr(self.backend, "begin_step"):
+            self.backend.begin_step()
+        sums = run_units(engine.module, lambda loss: engine.backward(loss, scale_wrt_gas=False), self.backend,
+                         samples, units, self.world)
+        t1 = time.perf_counter()
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        sums.update(grad_norm=float(norm) if norm is not None else float("nan"),
+                    replay_s=t1 - t0, step_s=time.perf_counter() - t1)
+        return sums
+
+    def state_dict(self) -> dict:
+        """The trained module's weights on CPU."""
+        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+
+    def save_checkpoint(self, path: str, tag: str = "learner") -> None:
+        """DeepSpeed checkpoint (module + optimizer partitions); every rank must call it; shared storage."""
+        self.engine.save_checkpoint(path, tag=tag)
+
+    def load_checkpoint(self, path: str, tag: str = "learner") -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` (the service's own files, D15)."""
+        load_path, _ = self.engine.load_checkpoint(path, tag=tag)
+        if load_path is None:
+            raise FileNotFoundError(f"learner checkpoint not found: {path} (tag {tag})")
+
+    def export_final(self, path: str) -> str:
+        """Rank 0: write the final weights (backend.export, else model.safetensors)."""
+        os.makedirs(path, exist_ok=True)
+        if hasattr(self.backend, "export"):
+            return self.backend.export(self.engine.module, path)
+        from safetensors.torch import save_file
+
+        out = os.path.join(path, "model.safetensors")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, out)
+        return out
+
+    # weight sync, rank 0 side (D11)
+    def sync_open(self, world: int, peers: list[str], sync: dict) -> tuple[str, int]:
+        """Host the sync store (any free port); returns (host, port) for the rollout actors."""
+        from actors.weight_sync import SyncGroup, resolve_backend
+
+        scfg = SyncConfig(**sync)
+        self.sync_close()
+        host = scfg.host or ray.util.get_node_ip_address()
+        backend = resolve_backend(scfg.backend, self.engine.module)
+        self._sync = SyncGroup(host, 0, 0, world, backend, scfg.timeout_s, peers)
+        self._sync_cfg = scfg
+        return host, self._sync.port
+
+    def sync_join(self) -> float:
+        """Form the sync group (blocks until every rollout actor joined, bounded)."""
+        return self._sync.join().join_s
+
+    def sync_send(self, version: int = 0) -> dict[str, float]:
+        """Broadcast the weights (bucketed; concept rows only under concept_rows)."""
+        from actors.weight_sync import plan_buckets, send_weights
+
+        if self._sync is None or self._sync.pg is None:
+            raise RuntimeError("sync_send before a successful sync_open/sync_join")
+        b = self.backend
+        plan = plan_buckets(self.engine.module, self._sync_cfg.bucket_mb, rows=getattr(b, "row_ids", None),
+                            row_params=tuple(getattr(b, "row_params", ()) or ()), version=version)
+        return send_weights(self._sync, self.engine.module, plan)
+
+    def sync_close(self) -> None:
+        """Leave the sync group."""
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+
+_RemoteWorker = ray.remote(LearnerWorker)
+
+
+class LearnerGroup:
+    """Driver-side handle of the learner ranks: train_step, checkpoints, weight sync to rollout actors."""
+
+    def __init__(self, cfg: Any, placement: Any = None, num_ranks: int | None = None,
+                 backend_factory: Callable | None = None, sync: SyncConfig | None = None):
+        """``cfg``: TrainConfig (uses ``learner``, ``sync``, ``objective`` and what the backend factory reads);
+        ``placement``: a RolePlacement (``learner_options(rank)``) or None (plain resource requests);
+        ``backend_factory(cfg, device)``: the per-rank ReplayBackend (default: Show-o via build_policy)."""
+        self.cfg = cfg
+        self.lcfg: LearnerConfig = cfg.learner
+        self.lcfg.validate()
+        self.sync_cfg: SyncConfig = sync or getattr(cfg, "sync", None) or SyncConfig()
+        self.num_ranks = int(num_ranks or self.lcfg.num_ranks)
+        self.alpha_und = float(cfg.objective.alpha_und) if hasattr(cfg, "objective") else 0.0
+        self._sync_ids: list | None = None
+        self._version = 0
+        self.last_sync: dict[str, float] = {}
+        self.workers = []
+        for rank in range(self.num_ranks):
+            if placement is not None:
+                opts = placement.learner_options(rank)
+            else:
+                opts = {"num_cpus": self.lcfg.num_cpus_per_rank, "num_gpus": self.lcfg.num_gpus_per_rank}
+            self.workers.append(_RemoteWorker.options(**opts).remote(rank, self.num_ranks, cfg, backend_factory))
+        addr, port = self._get([self.workers[0].address.remote()], "address")[0]
+        self.setup_info = self._get([w.setup.remote(addr, port) for w in self.workers], "setup")
+        log.info("learner group ready: %d ranks, %s", self.num_ranks, self.setup_info[0])
+
+    def _get(self, refs: list, what: str, timeout: float | None = None) -> list:
+        """ray.get bounded by collective_timeout_s (+ margin); a timeout names the unfinished ranks."""
+        timeout = timeout if timeout is not None else self.lcfg.collective_timeout_s + 30.0
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            pending = [i for i, r in enumerate(refs) if r not in done]
+            raise LearnerTimeout(f"learner {what}: ranks {pending} did not finish within {timeout:.0f}s "
+                                 f"(learner.collective_timeout_s={self.lcfg.collective_timeout_s})") from None
+
+    def train_step(self, samples: Sequence[Any]) -> dict[str, float]:
+        """One GRPO update on ``samples`` (advantages filled; consumed in id order, D7). Returns metrics:
+        loss, kl, clip_frac, grad_norm, logp_mismatch_image/answer, units, time_s."""
+        from actors.learner_step import schedule_units, summarize
+
+        if not samples:
+            raise ValueError("LearnerGroup.train_step: empty sample list")
+        t0 = time.perf_counter()
+        samples = sorted(samples, key=lambda s: (s.step, s.prompt_index, s.sample_index))
+        plan = schedule_units(samples, self.num_ranks, self.alpha_und)
+        ref = ray.put(list(samples))
+        outs = self._get([w.train_step.remote(ref, plan[r]) for r, w in enumerate(self.workers)], "train_step")
+        sums = {k: sum(o[k] for o in outs) for k in outs[0] if k not in ("grad_norm", "replay_s", "step_s")}
+        metrics = summarize(sums)
+        metrics.update(grad_norm=outs[0]["grad_norm"], units_per_rank=float(len(plan[0])),
+                       replay_s=max(o["replay_s"] for o in outs), optim_s=max(o["step_s"] for o in outs),
+                       time_s=time.perf_counter() - t0)
+        self._version += 1
+        return metrics
+
+    def state_dict_rank0(self) -> dict:
+        """Rank 0's module weights on CPU (all ranks hold the same under ZeRO ≤ 2)."""
+        return self._get([self.workers[0].state_dict.remote()], "state_dict")[0]
+
+    def state_dicts(self) -> list[dict]:
+        """Every rank's module weights (tests: ranks must agree bit for bit)."""
+        return self._get([w.state_dict.remote() for w in self.workers], "state_dict")
+
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed checkpoint of every rank into ``path`` (shared storage on multi-node)."""
+        self._get([w.save_checkpoint.remote(str(path)) for w in self.workers], "save_checkpoint")
+
+    def load_checkpoint(self, path: str) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint`."""
+        self._get([w.load_checkpoint.remote(str(path)) for w in self.workers], "load_checkpoint")
+
+    def export_final(self, path: str) -> str:
+        """Final weights from rank 0 (see LearnerWorker.export_final)."""
+        return self._get([self.workers[0].export_final.remote(str(path))], "export_final")[0]
+
+    # -- weight sync (D11) ---------------------------------------------------------------------------------
+    def connect_rollouts(self, actors: Sequence[Any]) -> None:
+        """(Re)form the sync group: learner rank 0 + ``actors`` (each must have ``init_weight_sync(addr, port,
+        rank, world)``). Raises WeightSyncTimeout naming the actors that never joined."""
+        sc = self.sync_cfg
+        world = 1 + len(actors)
+        peers = ["learner rank 0"] + [f"rollout actor {i}" for i in range(len(actors))]
+        self._sync_ids = None
+        host, port = self._get([self.workers[0].sync_open.remote(world, peers, asdict(sc))], "sync_open")[0]
+        joins = [a.init_weight_sync.remote(host, port, i + 1, world) for i, a in enumerate(actors)]
+        self._get([self.workers[0].sync_join.remote()], "sync_join", timeout=sc.timeout_s + 30.0)
+        self._get_actors(joins, actors, "init_weight_sync", sc.timeout_s + 30.0)
+        self._sync_ids = [a._actor_id.hex() for a in actors]
+
+    def _get_actors(self, refs: list, actors: Sequence[Any], what: str, timeout: float) -> list:
+        """ray.get on rollout-actor calls; a timeout names them."""
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            from actors.weight_sync import WeightSyncTimeout
+
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            pending = [i for i, r in enumerate(refs) if r not in done]
+            raise WeightSyncTimeout(f"weight sync {what}: rollout actors {pending} did not answer within "
+                                    f"{timeout:.0f}s") from None
+
+    def sync_weights(self, actors: Sequence[Any]) -> float:
+        """Broadcast rank 0's weights to ``actors`` (each needs ``receive_weights()``); connects first when the
+        actor set changed. Returns the sender's seconds; details in ``self.last_sync``."""
+        if self._sync_ids != [a._actor_id.hex() for a in actors]:
+            self.connect_rollouts(actors)
+        sc = self.sync_cfg
+        t0 = time.perf_counter()
+        send = self.workers[0].sync_send.remote(self._version)
+        recvs = [a.receive_weights.remote() for a in actors]
+        try:
+            stats = self._get([send], "sync_send", timeout=self.lcfg.collective_timeout_s + 2 * sc.timeout_s + 60)[0]
+            self._get_actors(recvs, actors, "receive_weights", sc.timeout_s + 30.0)
+        except Exception:
+            self._sync_ids = None  # the group is broken: re-form it next time
+            raise
+        self.last_sync = dict(stats, sync_wall_s=time.perf_counter() - t0)
+        return float(stats["sync_s"])
+
+    def shutdown(self) -> None:
+        """Kill the learner actors."""
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:
+                pass
+        self.workers = []

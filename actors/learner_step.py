@@ -1,0 +1,371 @@
+"""The learner's per-rank replay + loss logic (pure: no Ray, no DeepSpeed import; the engine comes in as a callable).
+
+One training step replays every sample's stored trajectory unit by unit and accumulates gradients:
+
+- a *replay unit* is one (sample, MaskGIT step t) or one (sample, answer) – the answer unit exists when the sample
+  has answer tokens and ``alpha_und > 0``;
+- :func:`schedule_units` spreads the units evenly over the learner ranks (design D12): image units and answer units
+  are dealt round-robin *per kind* and each kind is padded to a multiple of the world size with zero-weight copies,
+  so every rank runs the same number of forward/backward calls and, at every position, the same *kind* of call
+  (ZeRO-2 reduces gradients inside each backward: the ranks' hook order must match or collectives mismatch);
+- each unit's loss is the unit's exact contribution to the D5 step loss (``rl.objective``: the ``1/S`` sample mean
+  and the T·N / L_text normalisers are inside), so the sum over all units of all ranks is the step loss;
+- :func:`run_units` multiplies every unit loss by ``weight × world_size`` before ``backward`` because DeepSpeed
+  *averages* gradients over data-parallel ranks: mean_r(Σ_{u∈r} W·∇ℓ_u) = Σ_u ∇ℓ_u, the single-process gradient of
+  the whole step's loss (tested in ``tests/test_learner.py``).
+
+Old log-probs are the learner's own detached log-probs (D4, μ = 1): ratio 1, gradient = policy gradient. The rollout's
+recorded log-probs are only compared, giving the rollout–learner mismatch metric.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["ReplayUnit", "build_units", "schedule_units", "UnitStats", "run_units", "ReplayBackend", "ToyBackend",
+           "ShowoBackend", "make_showo_backend"]
+
+_STAT_KEYS = ("loss", "tokens", "kl_sum", "clip_sum", "image_absdiff", "image_tokens", "answer_absdiff",
+              "answer_tokens", "units")
+
+
+@dataclass(frozen=True)
+class ReplayUnit:
+    """One forward/backward of the learner: MaskGIT step ``step`` of sample ``sample``, or its answer."""
+
+    sample: int
+    """Index into the step's (id-sorted) sample list."""
+    kind: str
+    """"image" | "answer"."""
+    step: int = 0
+    """MaskGIT step t for image units (0 for answers)."""
+    weight: float = 1.0
+    """1 for real units, 0 for padding units (same compute, no contribution)."""
+
+
+def has_answer(sample: Any) -> bool:
+    """The sample carries answer tokens to train on."""
+    return int(np.asarray(sample.answer_ids).shape[0]) > 0
+
+
+def build_units(samples: Sequence[Any], alpha_und: float) -> tuple[list[ReplayUnit], list[ReplayUnit]]:
+    """(image units, answer units) in id order: T per sample, plus one answer unit when it has tokens and α_und>0."""
+    image = [ReplayUnit(i, "image", t) for i, s in enumerate(samples) for t in range(int(s.states.shape[0]))]
+    answer = [ReplayUnit(i, "answer") for i, s in enumerate(samples) if alpha_und > 0 and has_answer(s)]
+    return image, answer
+
+
+def _deal(units: list[ReplayUnit], world_size: int) -> list[list[ReplayUnit]]:
+    """Round-robin ``units`` over ranks, padded with zero-weight copies of the first unit to equal lengths."""
+    if not units:
+        return [[] for _ in range(world_size)]
+    per_rank = -(-len(units) // world_size)
+    pad = ReplayUnit(units[0].sample, units[0].kind, units[0].step, 0.0)
+    padded = units + [pad] * (per_rank * world_size - len(units))
+    return [padded[r::world_size] for r in range(world_size)]
+
+
+def schedule_units(samples: Sequence[Any], world_size: int, alpha_und: float) -> list[list[ReplayUnit]]:
+    """Per-rank unit lists (D12): equal lengths, and unit k is of the same kind on every rank."""
+    if world_size < 1:
+        raise ValueError(f"schedule_units: world_size must be >= 1, got {world_size}")
+    image, answer = build_units(samples, alpha_und)
+    img, ans = _deal(image, world_size), _deal(answer, world_size)
+    return [img[r] + ans[r] for r in range(world_size)]
+
+
+@dataclass
+class UnitStats:
+    """Sums a rank reports; the group adds them over ranks (so means are token-weighted over the whole step)."""
+
+    loss: float = 0.0
+    """Σ unit losses (unscaled): over all ranks this is the D5 step loss."""
+    tokens: float = 0.0
+    """Tokens behind kl_sum / clip_sum."""
+    kl_sum: float = 0.0
+    """Σ per-token k3 KL to the reference."""
+    clip_sum: float = 0.0
+    """Σ clipped-token indicators."""
+    image_absdiff: float = 0.0
+    """Σ |rollout logp − learner logp| over image positions (D4 mismatch)."""
+    image_tokens: float = 0.0
+    """Positions behind image_absdiff."""
+    answer_absdiff: float = 0.0
+    """Σ |rollout logp − learner logp| over answer tokens."""
+    answer_tokens: float = 0.0
+    """Tokens behind answer_absdiff."""
+    units: float = 0.0
+    """Real (non-padding) units run."""
+
+    def add(self, other: dict[str, float]) -> None:
+        """Accumulate another stats dict."""
+        for k in _STAT_KEYS:
+            setattr(self, k, getattr(self, k) + float(other.get(k, 0.0)))
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain dict of the sums."""
+        return {k: getattr(self, k) for k in _STAT_KEYS}
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+    """Turn summed rank stats into step metrics (loss, kl, clip_frac, log-prob mismatch)."""
+    return {
+        "loss": sums["loss"],
+        "kl": sums["kl_sum"] / max(sums["tokens"], 1.0),
+        "clip_frac": sums["clip_sum"] / max(sums["tokens"], 1.0),
+        "logp_mismatch_image": sums["image_absdiff"] / max(sums["image_tokens"], 1.0),
+        "logp_mismatch_answer": sums["answer_absdiff"] / max(sums["answer_tokens"], 1.0),
+        "units": sums["units"],
+    }
+
+
+class ReplayBackend(Protocol):
+    """What a learner rank trains: the module, and the loss of one replay unit."""
+
+    module: nn.Module
+    """The trainable module (DeepSpeed wraps it)."""
+    row_ids: list[int] | None
+    """D1 ``concept_rows``: the rows that train and travel in sync; None = all weights."""
+    row_params: tuple[str, ...]
+    """Parameter names whose dim-0 rows ``row_ids`` index (embedding, lm_head)."""
+
+    def unit_loss(self, module: nn.Module, samples: Sequence[Any], unit: ReplayUnit,
+                  num_samples: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of ``unit`` (its D5 contribution, with grad) and its stats sums (see :class:`UnitStats`)."""
+        ...
+
+
+def run_units(module: nn.Module, backward: Callable[[torch.Tensor], Any], backend: ReplayBackend,
+              samples: Sequence[Any], units: Sequence[ReplayUnit], world_size: int) -> dict[str, float]:
+    """Forward + ``backward(loss · weight · world_size)`` per unit; returns this rank's stats sums.
+
+    ``module`` is what the forward runs through (the DeepSpeed engine's module); ``backward`` is
+    ``lambda l: engine.backward(l, scale_wrt_gas=False)``. Padding units (weight 0) run the same compute.
+    """
+    stats = UnitStats()
+    for unit in units:
+        loss, st = backend.unit_loss(module, samples, unit, len(samples))
+        backward(loss * (float(unit.weight) * world_size))
+        if unit.weight > 0:
+            stats.add(st)
+            stats.units += 1
+    return stats.as_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Show-o backend
+
+
+def _t(x: Any) -> torch.Tensor:
+    """A writable torch copy of a (possibly read-only, object-store backed) numpy array."""
+    return torch.from_numpy(np.array(x, copy=True))
+
+
+def _objective_stats(loss: torch.Tensor, st: dict[str, torch.Tensor]) -> dict[str, float]:
+    """rl.objective stats (means) → sums."""
+    n = float(st["tokens"])
+    return {"loss": float(loss.detach()), "tokens": n, "kl_sum": float(st["kl_mean"]) * n,
+            "clip_sum": float(st["clip_frac"]) * n}
+
+
+class ShowoBackend:
+    """Replays RolloutSamples through Show-o (backbone.replay) with the Dr.GRPO loss (rl.objective).
+
+    Holds the policy (``Policy`` from ``backbone.build``) and a frozen reference copy made at construction
+    (same weights: the initial policy). Per-sample T2I batches / MMU inputs are cached for the step's T units.
+    """
+
+    def __init__(self, policy: Any, objective: Any, guidance_scale: float, answer_temperature: float = 1.0,
+                 answer_top_k: int | None = None, trainable: str = "all"):
+        """``policy``: backbone Policy; ``objective``: ObjectiveConfig; the answer sampling params define D3."""
+        self.policy = policy
+        self.module = policy.model
+        self.tok = policy.tok
+        self.objective = objective
+        self.guidance_scale = float(guidance_scale)
+        self.answer_temperature = float(answer_temperature)
+        self.answer_top_k = answer_top_k
+        self.reference = None
+        if objective.kl_beta > 0:
+            self.reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        self.row_params: tuple[str, ...] = ()
+        self.row_ids: list[int] | None = None
+        if trainable == "concept_rows":
+            ids = sorted({int(i) for c in policy.concepts.values() for i in c.all_ids})
+            self.row_ids = ids
+            self.row_params = tuple(n for n, _ in policy.model.named_parameters()
+                                    if n in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"))
+        elif trainable != "all":
+            raise ValueError(f"learner.trainable must be 'all' or 'concept_rows', got {trainable!r}")
+        self._cache: dict[tuple[int, int, str], Any] = {}
+
+    def begin_step(self) -> None:
+        """Drop per-sample caches (call once per train step)."""
+        self._cache.clear()
+
+    def _t2i(self, samples: Sequence[Any], i: int, device: torch.device):
+        """Cached T2IBatch of sample i (cond + uncond, masks)."""
+        key = (id(samples), i, "t2i")
+        if key not in self._cache:
+            from backbone.prompts import T2IInputs
+            from backbone.replay import as_t2i_batch
+
+            s = samples[i]
+            n = int(s.states.shape[1])
+            ids = _t(s.t2i_input_ids)[None]
+            un = _t(s.uncond_input_ids)[None]
+            t2i = T2IInputs(input_ids=ids, uncond_input_ids=un, text_len=int(ids.shape[1]) - n - 2,
+                            num_image_tokens=n, truncated=[bool(s.prompt_cut)])
+            self._cache[key] = as_t2i_batch(self.tok, t2i, self.guidance_scale, device=device)
+        return self._cache[key]
+
+    def _mmu(self, samples: Sequence[Any], i: int, device: torch.device):
+        """MMUInputs of sample i (one unpadded prompt)."""
+        from backbone.prompts import MMUInputs, mmu_attention_mask
+
+        s = samples[i]
+        ids = _t(s.mmu_input_ids)[None].to(device)
+        n = int(s.states.shape[1])
+        return MMUInputs(input_ids=ids, attention_mask=mmu_attention_mask(ids, self.tok),
+                         prompt_lens=[int(ids.shape[1])], prefix_len=n + 3)
+
+    def unit_loss(self, module: nn.Module, samples: Sequence[Any], unit: ReplayUnit,
+                  num_samples: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The D5 contribution of one unit, with gradient through ``module``."""
+        from rl.objective import answer_loss, image_step_loss
+
+        s = samples[unit.sample]
+        dev = next(module.parameters()).device
+        cfg = self.objective
+        if unit.kind == "image":
+            from backbone.replay import image_step_logprobs
+            from rl.objective import newly_unmasked_positions
+
+            T, N = (int(x) for x in s.states.shape)
+            batch = self._t2i(samples, unit.sample, dev)
+            state = _t(s.states[unit.step])[None]
+            chosen = _t(s.chosen[unit.step])[None]
+            logp = image_step_logprobs(module, self.tok, batch, state, chosen, self.guidance_scale)
+            ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref = image_step_logprobs(self.reference, self.tok, batch, state, chosen, self.guidance_scale)
+            mask = None
+            if cfg.image_positions == "newly_unmasked":
+                states = _t(s.states)
+                mask = newly_unmasked_positions(states, self.tok.mask_id)[unit.step][None].to(dev)
+            loss, st = image_step_loss(logp, None, ref, [float(s.advantage)], T, N, num_samples, cfg, mask)
+            out = _objective_stats(loss, st)
+            w = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
+            rollout = _t(s.image_logps[unit.step]).to(dev)[None]
+            out["image_absdiff"] = float(((logp.detach() - rollout).abs() * w).sum())
+            out["image_tokens"] = float(w.sum())
+            return loss, out
+        if unit.kind == "answer":
+            from backbone.replay import answer_logprobs, answer_mask
+
+            mmu = self._mmu(samples, unit.sample, dev)
+            ans = _t(s.answer_ids)[None].to(dev)
+            kw = dict(temperature=self.answer_temperature, top_k=self.answer_top_k)
+            logp = answer_logprobs(module, self.tok, mmu, ans, **kw)
+            ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref = answer_logprobs(self.reference, self.tok, mmu, ans, **kw)
+            mask = answer_mask(ans, self.tok.eot_id)
+            loss, st = answer_loss(logp, None, ref, mask, [float(s.advantage)], num_samples, cfg)
+            out = _objective_stats(loss, st)
+            rollout = _t(s.answer_logps).to(dev)[None]
+            w = mask.to(logp.dtype)
+            out["answer_absdiff"] = float(((logp.detach() - rollout).abs() * w).sum())
+            out["answer_tokens"] = float(w.sum())
+            return loss, out
+        raise ValueError(f"ReplayUnit.kind must be 'image' or 'answer', got {unit.kind!r}")
+
+
+def make_showo_backend(cfg: Any, device: torch.device) -> ShowoBackend:
+    """Default backend factory: build the policy from a TrainConfig (same cfg + seed → same init on every rank)."""
+    from backbone.build import build_policy
+    from rl.data import load_concept_dataset
+
+    specs = load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None).concept_specs()
+    policy = build_policy(cfg.model, specs, device=str(device))
+    if cfg.learner.trainable == "concept_rows":
+        from backbone.concepts import restrict_grads_to_rows
+
+        ids = sorted({int(i) for c in policy.concepts.values() for i in c.all_ids})
+        policy._row_handle = restrict_grads_to_rows(policy.model, ids)
+    return ShowoBackend(policy, cfg.objective, cfg.sampler.guidance_scale,
+                        answer_temperature=cfg.rollout.answer_temperature, answer_top_k=cfg.rollout.answer_top_k,
+                        trainable=cfg.learner.trainable)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Toy backend: a few-hundred-parameter stand-in with the same unit/loss wiring, for CPU tests and benchmarks of the
+# Ray / DeepSpeed / sync mechanics. Image units use ``embed`` + ``img``; answer units ``embed`` + ``txt``.
+
+
+class ToyBackend:
+    """Tiny policy over RolloutSamples: image logits = img(embed(state ids)), answer logits = txt(embed(prev))."""
+
+    def __init__(self, objective: Any, vocab: int = 32, codebook: int = 16, hidden: int = 8, seed: int = 0,
+                 row_ids: list[int] | None = None):
+        """Same ``seed`` → same weights in every process. ``row_ids`` → concept_rows-style sync of embed rows."""
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.module = nn.ModuleDict({"embed": nn.Embedding(vocab, hidden), "img": nn.Linear(hidden, codebook),
+                                     "txt": nn.Linear(hidden, vocab)})
+        torch.random.set_rng_state(gen_state)
+        self.reference = copy.deepcopy(self.module).requires_grad_(False)
+        self.objective = objective
+        self.row_ids = row_ids
+        self.row_params: tuple[str, ...] = ("embed.weight",) if row_ids is not None else ()
+
+    @classmethod
+    def factory(cls, cfg: Any, device: torch.device, **kw) -> "ToyBackend":
+        """backend_factory signature: ``functools.partial(ToyBackend.factory, seed=...)``."""
+        return cls(cfg.objective, **kw)
+
+    @staticmethod
+    def image_logp(m: nn.Module, states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """log-probs of ``chosen`` codes given state ids (any leading shape)."""
+        return torch.log_softmax(m["img"](m["embed"](states)), -1).gather(-1, chosen[..., None])[..., 0]
+
+    @staticmethod
+    def answer_logp(m: nn.Module, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+        """log-probs [M] of ``answer`` tokens, each given the previous token."""
+        prev = torch.cat([prompt[-1:], answer[:-1]])
+        return torch.log_softmax(m["txt"](m["embed"](prev)), -1).gather(-1, answer[:, None])[:, 0]
+
+    def unit_loss(self, module: nn.Module, samples: Sequence[Any], unit: ReplayUnit,
+                  num_samples: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The unit's D5 contribution via rl.objective (same call pattern as ShowoBackend)."""
+        from rl.objective import answer_loss, image_step_loss
+
+        s = samples[unit.sample]
+        if unit.kind == "image":
+            T, N = (int(x) for x in s.states.shape)
+            st_, ch = torch.tensor(s.states[unit.step]), torch.tensor(s.chosen[unit.step])
+            logp = self.image_logp(module, st_, ch)[None]
+            with torch.no_grad():
+                ref = self.image_logp(self.reference, st_, ch)[None]
+            loss, st = image_step_loss(logp, None, ref, [float(s.advantage)], T, N, num_samples, self.objective)
+            out = _objective_stats(loss, st)
+            out["image_absdiff"] = float((logp.detach() - _t(s.image_logps[unit.step])).abs().sum())
+            out["image_tokens"] = float(N)
+            return loss, out
+        prompt, ans = torch.tensor(s.mmu_input_ids), torch.tensor(s.answer_ids)
+        logp = self.answer_logp(module, prompt, ans)[None]
+        with torch.no_grad():
+            ref = self.answer_logp(self.reference, prompt, ans)[None]
+        mask = torch.ones_like(logp, dtype=torch.bool)
+        loss, st = answer_loss(logp, None, ref, mask, [float(s.advantage)], num_samples, self.objective)
+        out = _objective_stats(loss, st)
+        out["answer_absdiff"] = float((logp.detach() - _t(s.answer_logps)).abs().sum())
+        out["answer_tokens"] = float(ans.shape[0])
+        return loss, out

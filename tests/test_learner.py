@@ -1,0 +1,229 @@
+"""Learner: D12 unit schedule, unit losses = D5 loss, DeepSpeed 2-rank gradient = single-process gradient, ranks stay
+identical, placement errors. Ray tests use the session cluster and tiny modules (``ToyBackend``)."""
+from __future__ import annotations
+
+import functools
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from actors.learner import LearnerConfig, deepspeed_config
+from actors.learner_step import ReplayUnit, ToyBackend, build_units, run_units, schedule_units
+from actors.weight_sync import SyncConfig
+from rl.batch import RolloutSample
+from rl.objective import ObjectiveConfig, per_token_loss
+
+VOCAB, CODES, T, N = 32, 16, 3, 4
+
+
+def toy_samples(n: int, seed: int = 0, no_answer: tuple[int, ...] = (1,)) -> list[RolloutSample]:
+    """Consistent synthetic samples: ids inside the toy vocab, advantages of both signs, one sample without answer."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        m = 0 if i in no_answer else int(rng.integers(2, 6))
+        out.append(RolloutSample(
+            step=0, prompt_index=i // 3, sample_index=i % 3, concept="bo", category="animal", task_kind="visual",
+            mmu_input_ids=rng.integers(0, VOCAB, 5).astype(np.int64), answer_ids=rng.integers(0, VOCAB, m).astype(np.int64),
+            answer_logps=(-rng.random(m) * 3).astype(np.float32), answer_text="x", prompt_text="A photo of <bo>.",
+            prompt_cut=False, t2i_input_ids=np.zeros(8, np.int64), uncond_input_ids=np.zeros(8, np.int64),
+            states=rng.integers(0, VOCAB, (T, N)).astype(np.int64), chosen=rng.integers(0, CODES, (T, N)).astype(np.int64),
+            image_logps=(-rng.random((T, N)) * 3).astype(np.float32), final_ids=np.zeros(N, np.int64),
+            image=np.zeros((4, 4, 3), np.uint8), screen_score=0.5, attempts=1, reward=float(rng.random()),
+            advantage=float(rng.normal())).validate())
+    return out
+
+
+def full_loss(policy: torch.nn.Module, reference: torch.nn.Module, samples, obj: ObjectiveConfig) -> torch.Tensor:
+    """The D5 step loss computed directly on whole trajectories (independent of the unit split)."""
+    S = len(samples)
+    total = torch.zeros(())
+    for s in samples:
+        a = torch.tensor([[s.advantage]])
+        st, ch = torch.as_tensor(s.states), torch.as_tensor(s.chosen)
+        logp = ToyBackend.image_logp(policy, st, ch).reshape(1, -1)
+        with torch.no_grad():
+            ref = ToyBackend.image_logp(reference, st, ch).reshape(1, -1)
+        total = total + obj.alpha_gen * per_token_loss(logp, None, ref, a, obj)["loss"].sum() / (T * N * S)
+        if s.answer_ids.shape[0] and obj.alpha_und > 0:
+            p, ans = torch.as_tensor(s.mmu_input_ids), torch.as_tensor(s.answer_ids)
+            logp = ToyBackend.answer_logp(policy, p, ans)[None]
+            with torch.no_grad():
+                ref = ToyBackend.answer_logp(reference, p, ans)[None]
+            total = total + obj.alpha_und * per_token_loss(logp, None, ref, a, obj)["loss"].sum() / (
+                obj.max_answer_tokens * S)
+    return total
+
+
+def reference_grads(state: dict, ref_state: dict, samples, obj: ObjectiveConfig) -> tuple[float, dict]:
+    """Single-process loss value and gradient of the full loss at weights ``state`` (reference ``ref_state``)."""
+    b = ToyBackend(obj)
+    b.module.load_state_dict(state)
+    b.reference.load_state_dict(ref_state)
+    loss = full_loss(b.module, b.reference, samples, obj)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in b.module.named_parameters()}
+
+
+# -- fast, no Ray ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_schedule_is_even_kind_aligned_and_complete(world):
+    samples = toy_samples(5)
+    plan = schedule_units(samples, world, alpha_und=0.4)
+    assert len({len(p) for p in plan}) == 1
+    for k in range(len(plan[0])):
+        assert len({plan[r][k].kind for r in range(world)}) == 1, "unit k must be the same kind on every rank"
+    real = sorted((u.sample, u.kind, u.step) for p in plan for u in p if u.weight > 0)
+    image, answer = build_units(samples, 0.4)
+    assert real == sorted((u.sample, u.kind, u.step) for u in image + answer)
+    assert len(answer) == 4 and len(image) == 5 * T
+    assert sum(u.weight for p in plan for u in p) == len(real)
+    assert not build_units(samples, 0.0)[1], "alpha_und = 0 → no answer units"
+
+
+def test_unit_losses_sum_to_the_d5_loss_and_its_gradient():
+    obj = ObjectiveConfig.tiny()
+    samples = toy_samples(4)
+    b = ToyBackend(obj)
+    with torch.no_grad():  # make the reference differ so the KL term has a gradient
+        for p in b.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    units = [u for r in schedule_units(samples, 1, obj.alpha_und) for u in r]
+    sums = run_units(b.module, lambda loss: loss.backward(), b, samples, units, world_size=1)
+    grads = {n: p.grad.clone() for n, p in b.module.named_parameters()}
+    loss, want = reference_grads(b.module.state_dict(), b.reference.state_dict(), samples, obj)
+    assert sums["loss"] == pytest.approx(loss, rel=1e-5)
+    for n in want:
+        torch.testing.assert_close(grads[n], want[n], rtol=1e-5, atol=1e-7)
+    assert sums["units"] == len(units) and sums["image_tokens"] == 4 * T * N
+
+
+def test_padding_units_contribute_nothing():
+    obj = ObjectiveConfig.tiny()
+    samples = toy_samples(2)
+    b = ToyBackend(obj)
+    sums = run_units(b.module, lambda loss: loss.backward(), b, samples, [ReplayUnit(0, "image", 1, 0.0)], 2)
+    assert sums["units"] == 0 and sums["loss"] == 0.0
+    assert all(float(p.grad.abs().sum()) == 0.0 for p in b.module.parameters() if p.grad is not None)
+
+
+def test_deepspeed_config_is_unmanaged_accumulation():
+    cfg = deepspeed_config(LearnerConfig(), on_gpu=False)
+    assert cfg["managed_gradient_accumulation"] is False and cfg["gradient_accumulation_steps"] == 1
+    assert cfg["bf16"]["enabled"] is False and deepspeed_config(LearnerConfig(), on_gpu=True)["bf16"]["enabled"]
+    with pytest.raises(ValueError, match="zero_stage"):
+        LearnerConfig(zero_stage=3).validate()
+
+
+# -- Ray + DeepSpeed -------------------------------------------------------------------------------------------
+
+
+def toy_cfg(**learner) -> SimpleNamespace:
+    """A TrainConfig-shaped namespace with what LearnerGroup + ToyBackend read."""
+    lc = LearnerConfig.tiny()
+    for k, v in learner.items():
+        setattr(lc, k, v)
+    return SimpleNamespace(learner=lc, objective=ObjectiveConfig.tiny(), sync=SyncConfig.tiny())
+
+
+def assert_ranks_identical(group) -> dict:
+    sds = group.state_dicts()
+    for sd in sds[1:]:
+        for k in sds[0]:
+            assert torch.equal(sd[k], sds[0][k]), f"ranks differ in {k}"
+    return sds[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_two_rank_gradient_equals_single_process_gradient(ray_cluster, zero_stage):
+    """SGD lr=1, no clip: the update is exactly −(reduced gradient). Two steps (2nd has a live KL gradient)."""
+    from actors.learner import LearnerGroup
+
+    cfg = toy_cfg(optimizer="sgd", lr=1.0, grad_clip=0.0, weight_decay=0.0, zero_stage=zero_stage,
+                  num_cpus_per_rank=0.5)
+    t0 = time.perf_counter()
+    group = LearnerGroup(cfg, backend_factory=ToyBackend.factory)
+    try:
+        init = assert_ranks_identical(group)
+        before = init
+        for step in range(2):
+            samples = toy_samples(5, seed=step)  # 15 image units + 4 answer units over 2 ranks → padding on both
+            loss, want = reference_grads(before, init, samples, cfg.objective)
+            metrics = group.train_step(samples)
+            after = assert_ranks_identical(group)
+            for n in want:
+                torch.testing.assert_close(before[n] - after[n], want[n], rtol=1e-4, atol=1e-6)
+            assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+            gnorm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in want.values())))
+            assert metrics["grad_norm"] == pytest.approx(gnorm, rel=1e-4)
+            before = after
+        print(f"2-rank gradient test (ZeRO-{zero_stage}) wall {time.perf_counter() - t0:.1f}s")
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.slow
+def test_adamw_ranks_identical_every_step_and_metrics(ray_cluster):
+    from actors.learner import LearnerGroup
+
+    cfg = toy_cfg(lr=1e-2, num_cpus_per_rank=0.5)
+    group = LearnerGroup(cfg, backend_factory=functools.partial(ToyBackend.factory, seed=3))
+    try:
+        init = assert_ranks_identical(group)
+        for step in range(3):
+            m = group.train_step(toy_samples(4, seed=10 + step))
+            now = assert_ranks_identical(group)
+            for key in ("loss", "kl", "clip_frac", "grad_norm", "logp_mismatch_image", "logp_mismatch_answer",
+                        "time_s"):
+                assert np.isfinite(m[key]), key
+            assert m["grad_norm"] > 0 and m["logp_mismatch_image"] > 0 and m["units"] == 4 * T + 3
+        assert any(not torch.equal(init[k], now[k]) for k in init), "AdamW step did not move the weights"
+        assert m["kl"] > 0
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.slow
+def test_placement_more_cpus_than_cluster_is_a_clear_error(ray_cluster):
+    from actors.placement import PlacementConfig, PlacementError, RolePlacement, RoleSpec
+
+    roles = [RoleSpec("learner", 2, 1.0, 0.0), RoleSpec("rollout", 3, 64.0, 0.0)]
+    with pytest.raises(PlacementError, match=r"role 'rollout' needs 3 × \{CPU: 64.*192 CPU.*cluster has 4 CPU"):
+        RolePlacement(roles=roles, placement=PlacementConfig.tiny())
+    with pytest.raises(PlacementError, match=r"role 'learner'.*GPU"):
+        RolePlacement(roles=[RoleSpec("learner", 2, 0.5, 1.0)], placement=PlacementConfig.tiny())
+    with pytest.raises(PlacementError, match="together need 5 CPU"):
+        RolePlacement(roles=[RoleSpec("learner", 2, 1.5, 0.0), RoleSpec("rollout", 2, 1.0, 0.0)],
+                      placement=PlacementConfig(layout="colocated", ready_timeout_s=30))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["split", "colocated"])
+def test_placement_layouts_schedule_actors(ray_cluster, layout):
+    import ray
+
+    from actors.placement import PlacementConfig, RolePlacement, RoleSpec
+
+    roles = [RoleSpec("learner", 2, 0.25, 0.0), RoleSpec("rollout", 3, 0.25, 0.0)]
+    pl = RolePlacement(roles=roles, placement=PlacementConfig(layout=layout, ready_timeout_s=30))
+    try:
+        @ray.remote
+        def where() -> str:
+            return ray.get_runtime_context().get_placement_group_id()
+
+        got = ray.get([where.options(**pl.learner_options(i)).remote() for i in range(2)]
+                      + [where.options(**pl.rollout_options(j)).remote() for j in range(3)])
+        ids = {name: pg.id.hex() for name, pg in pl.groups.items()}
+        if layout == "split":
+            assert got[:2] == [ids["learner"]] * 2 and got[2:] == [ids["rollout"]] * 3
+        else:
+            assert set(got) == {ids["colocated"]} and len(pl.plan.bundles["colocated"]) == 2
+            assert pl.plan.bundles["colocated"][0]["CPU"] == pytest.approx(0.25 + 2 * 0.25)
+    finally:
+        pl.remove()
