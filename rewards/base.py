@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ScoreBatch", "ExpertConfig", "RewardExpert", "NonFiniteScoreError", "ImageSpec", "encode_array",
-           "decode_array", "resolve_weights", "seeded", "loading", "preprocess_images", "cosine", "check_images"]
+           "decode_array", "check_scores", "resolve_weights", "seeded", "loading", "preprocess_images", "cosine",
+           "check_images"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -227,19 +228,12 @@ class RewardExpert:
                 raise ValueError(f"{self.name}: ScoreBatch field '{field_name}' is required "
                                  f"(this expert reads {list(self.requires)})")
         if self.uses_references:
-            missing = sorted({c for c in batch.concepts if c not in self._references})
+            missing = sorted({c for c in batch.concepts or [] if c not in self._references})
             if missing:
                 raise ValueError(f"{self.name}: no reference features for concept(s) {missing}; "
                                  f"call add_reference first")
         with torch.inference_mode():
-            out = np.asarray(self._score(batch), dtype=np.float32)
-        if out.shape != (len(batch),):
-            raise RuntimeError(f"{self.name}: produced scores of shape {out.shape}, expected ({len(batch)},)")
-        bad = np.flatnonzero(~np.isfinite(out))
-        if bad.size:
-            raise NonFiniteScoreError(f"{self.name}: non-finite score(s) {out[bad].tolist()} at sample(s) "
-                                      f"{bad.tolist()}")
-        return out
+            return check_scores(self._score(batch), len(batch), self.name)
 
     def _score(self, batch: ScoreBatch) -> np.ndarray:
         raise NotImplementedError
@@ -258,6 +252,17 @@ class RewardExpert:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def check_scores(scores, n: int, expert: str) -> np.ndarray:
+    """``scores`` as float32 ``[n]``; a wrong shape or any NaN/inf raises, naming ``expert`` and the samples."""
+    out = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float32)
+    if out.shape != (n,):
+        raise RuntimeError(f"{expert}: produced scores of shape {out.shape}, expected ({n},)")
+    bad = np.flatnonzero(~np.isfinite(out))
+    if bad.size:
+        raise NonFiniteScoreError(f"{expert}: non-finite score(s) {out[bad].tolist()} at sample(s) {bad.tolist()}")
+    return out
+
+
 def resolve_device(device: str, expert: str) -> torch.device:
     """``torch.device`` from a config string; asking for CUDA on a machine without it is an error."""
     dev = torch.device(device)
