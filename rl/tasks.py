@@ -1,0 +1,236 @@
+"""Understanding reasoning tasks and the prompts around them (design "What the service does" 1–2, D8, D9).
+
+* :func:`sample_task` draws a visual-instruct task (training image + question from conversations.json →
+  reference answer) or a text-only task (all extra_info + a reasoning prompt IP → the matching item, with
+  the black placeholder as image input), 1:1 by default.
+* :func:`build_understanding_prompt` is the question text of the mmu prompt (the ``USER: … ASSISTANT:``
+  wrapper is added by ``backbone.prompts.build_mmu_inputs``). It starts with UniCTokens' system prefix
+  ``"<c> is <token_0>…<token_15>."`` (stage-3 tokens, if any, follow the understanding tokens).
+* :func:`build_compound_prompt` makes CP = BP + IR (visual) or IP + IR (text). The fixed part names the
+  concept as UniCTokens' T2I prompts do, ``"<token_0>…<token_23> <c>"``: BP = ``"A photo of <tokens> <c>."``;
+  in IP only the first ``<c>`` is expanded. If CP exceeds the text budget, IR is cut at a token boundary
+  (never the fixed part); only a fixed part that alone does not fit is an error (D9).
+* :func:`reward_prompt` is the text BER / CLIP-T score: concept tokens stripped, ``<c>`` → class word (D8).
+
+Token strings come from the tokenizer's ``ConceptTokens`` (names differ for a second concept), never
+hard-coded; :meth:`ConceptPromptTokens.from_names` builds UniCTokens' names for tokenizer-free use.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from rl.data import ConceptDataset, DatasetError
+
+__all__ = ["UnderstandingTask", "ConceptPromptTokens", "sample_task", "build_understanding_prompt",
+           "text_only_question", "base_prompt", "expand_concept", "compound_fixed_part", "fit_to_budget",
+           "build_compound_prompt", "clean_ir", "reward_prompt", "text_budget"]
+
+TASK_KINDS = ("visual", "text")
+
+
+class TextTokenizer(Protocol):
+    """What the prompt budget needs from a tokenizer (``backbone.tokenizer.ShowoTokenizer`` fits)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass
+class UnderstandingTask:
+    """One understanding reasoning task (the first half of a rollout)."""
+
+    kind: str
+    """"visual" (image + question) or "text" (extra_info + reasoning prompt, black image)."""
+    concept: str
+    """Concept name."""
+    category: str
+    """human | animal | object."""
+    class_word: str
+    """Class word (for reward prompts)."""
+    image: np.ndarray
+    """uint8 [H, W, 3] image input (a training photo, or the black placeholder)."""
+    image_name: str
+    """File name of the image input."""
+    question: str
+    """The question (visual) or the reasoning prompt IP (text), with "<c>" as written in the data."""
+    reference: str
+    """Reference answer (visual) or the target extra_info item (text)."""
+    gen_prompt: str
+    """Generation prompt the CP starts from: "A photo of <c>." (BP, visual) or IP (text)."""
+    candidates: list[str] = field(default_factory=list)
+    """All extra_info items (text tasks; the TIER candidates), empty for visual tasks."""
+    target_index: int | None = None
+    """Index of the reference in candidates (text tasks)."""
+
+
+@dataclass(frozen=True)
+class ConceptPromptTokens:
+    """The concept's token strings, split by role (D10: 16 understanding, 8 generation, stage-3 extra)."""
+
+    concept: str
+    """The identifier, e.g. "<bo>"."""
+    understanding: tuple[str, ...]
+    """Understanding tokens (the mmu system prefix)."""
+    generation: tuple[str, ...]
+    """Generation tokens (with the understanding ones, the T2I phrase)."""
+    stage3: tuple[str, ...] = ()
+    """Stage-3 tokens (appended to the mmu prefix)."""
+
+    @classmethod
+    def from_concept_tokens(cls, ct: Any, num_understanding: int = 16, num_generation: int = 8
+                            ) -> "ConceptPromptTokens":
+        """From a ``ConceptTokens`` (``concept_str``, ``token_strs``): the first ``num_understanding`` are
+        understanding tokens, the next ``num_generation`` generation tokens, the rest stage-3 tokens."""
+        toks = list(ct.token_strs)
+        if len(toks) < num_understanding + num_generation:
+            raise ValueError(f"concept {ct.concept_str}: {len(toks)} tokens < num_understanding + num_generation "
+                             f"= {num_understanding + num_generation}")
+        u, g = num_understanding, num_understanding + num_generation
+        return cls(ct.concept_str, tuple(toks[:u]), tuple(toks[u:g]), tuple(toks[g:]))
+
+    @classmethod
+    def from_names(cls, name: str, num_understanding: int = 16, num_generation: int = 8,
+                   num_stage3: int = 0) -> "ConceptPromptTokens":
+        """UniCTokens' names: ``<name>``, ``<token_0>`` … (the first concept of a tokenizer)."""
+        t = [f"<token_{i}>" for i in range(num_understanding + num_generation + num_stage3)]
+        g = num_understanding + num_generation
+        return cls(f"<{name}>", tuple(t[:num_understanding]), tuple(t[num_understanding:g]), tuple(t[g:]))
+
+    def t2i_phrase(self) -> str:
+        """``"<token_0>…<token_23> <c>"``: how T2I prompts name the concept."""
+        return "".join(self.understanding + self.generation) + " " + self.concept
+
+    def mmu_prefix(self) -> str:
+        """``"<c> is <token_0>…<token_15>."``: UniCTokens' system prefix of the first user turn."""
+        return f"{self.concept} is {''.join(self.understanding + self.stage3)}."
+
+    def all_tokens(self) -> tuple[str, ...]:
+        """Every learnable token string."""
+        return self.understanding + self.generation + self.stage3
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def sample_task(dataset: ConceptDataset, concept: str, rng: np.random.Generator,
+                text_ratio: float = 0.5) -> UnderstandingTask:
+    """Draw one task for ``concept``: text-only with probability ``text_ratio``, else visual-instruct.
+
+    Visual: uniform over all (training image, QA pair) of conversations.json. Text: uniform over the
+    reasoning prompts of reasoning.json (DatasetError naming it when there are none). Training data only
+    (D14). ``rng`` should come from ``rl.seeding`` (stream "task") so the draw is reproducible.
+    """
+    if not 0.0 <= text_ratio <= 1.0:
+        raise ValueError(f"sample_task: text_ratio must be in [0, 1], got {text_ratio}")
+    c = dataset.concept(concept)
+    info = c.info
+    common = dict(concept=info.name, category=info.category, class_word=info.class_word)
+    if rng.random() < text_ratio:
+        if not c.train.reasoning:
+            raise DatasetError(f"{dataset.root}/concept/train/{concept}/reasoning.json: concept {concept!r} has no "
+                               "reasoning prompts, so text-only tasks cannot be drawn (set text_ratio=0)")
+        rp = c.train.reasoning[int(rng.integers(len(c.train.reasoning)))]
+        return UnderstandingTask(kind="text", image=dataset.black(), image_name=dataset.black_image.name,
+                                 question=rp.prompt, reference=info.extra_info[rp.answer_index],
+                                 gen_prompt=rp.prompt, candidates=list(info.extra_info),
+                                 target_index=rp.answer_index, **common)
+    pairs = [qa for name in sorted(c.train.conversations) for qa in c.train.conversations[name]]
+    qa = pairs[int(rng.integers(len(pairs)))]
+    return UnderstandingTask(kind="visual", image=c.train.image(qa.image).load(), image_name=qa.image,
+                             question=qa.query, reference=qa.answer, gen_prompt=f"A photo of {info.token}.",
+                             **common)
+
+
+# ------------------------------------------------------------------------------------------ understanding
+def text_only_question(concept: str, extra_info: list[str], reasoning_prompt: str) -> str:
+    """Our wording of the Sync-R1 text-only reasoning template (facts listed, then the prompt IP)."""
+    facts = " ".join(f"({i + 1}) {x}" for i, x in enumerate(extra_info))
+    ip = reasoning_prompt.strip().rstrip(".")
+    return (f"Here is what is known about {concept}: {facts} Use this information to reason about the "
+            f"following prompt: {ip}. If the prompt points to one particular item of the information above, "
+            f"answer with exactly that item, word for word, and nothing else.")
+
+
+def build_understanding_prompt(task: UnderstandingTask, tokens: ConceptPromptTokens) -> str:
+    """The mmu question: ``tokens.mmu_prefix()`` + the visual question or the text-only template."""
+    if task.kind == "visual":
+        body = task.question
+    elif task.kind == "text":
+        body = text_only_question(tokens.concept, task.candidates, task.question)
+    else:
+        raise ValueError(f"UnderstandingTask.kind must be one of {TASK_KINDS}, got {task.kind!r}")
+    return f"{tokens.mmu_prefix()} {body}"
+
+
+# ------------------------------------------------------------------------------------------ generation
+def base_prompt(tokens: ConceptPromptTokens) -> str:
+    """BP with concept tokens: ``"A photo of <token_0>…<token_23> <c>."``."""
+    return f"A photo of {tokens.t2i_phrase()}."
+
+
+def expand_concept(prompt: str, tokens: ConceptPromptTokens) -> str:
+    """Replace the first ``<c>`` of ``prompt`` by the T2I phrase (tokens + ``<c>``); later mentions stay."""
+    if tokens.concept not in prompt:
+        raise ValueError(f"prompt does not mention {tokens.concept}: {prompt!r}")
+    return prompt.replace(tokens.concept, tokens.t2i_phrase(), 1)
+
+
+def compound_fixed_part(task: UnderstandingTask, tokens: ConceptPromptTokens) -> str:
+    """The part of CP that is never cut: BP (visual) or the expanded IP (text)."""
+    if task.kind == "visual":
+        return base_prompt(tokens)
+    fixed = expand_concept(task.gen_prompt.strip(), tokens)
+    return fixed if fixed.endswith((".", "!", "?")) else fixed + "."
+
+
+_SPECIAL = re.compile(r"<\|[^|>]*\|>|\[PAD\]")
+
+
+def clean_ir(answer_text: str) -> str:
+    """The reasoning result IR from a decoded answer: special markers removed, whitespace collapsed."""
+    return " ".join(_SPECIAL.sub(" ", answer_text).split())
+
+
+def text_budget(max_text_len: int = 128) -> int:
+    """CP token budget of Show-o's t2i text block: ``max_text_len + 1`` slots minus <|t2i|>, bos, eos."""
+    return max_text_len - 2
+
+
+def fit_to_budget(tokenizer: TextTokenizer, fixed: str, ir: str, budget: int) -> tuple[str, bool]:
+    """``fixed + " " + ir`` within ``budget`` tokens; (text, cut). IR is cut at a token boundary; the fixed
+    part never. ValueError when the fixed part alone exceeds the budget."""
+    n_fixed = len(tokenizer.encode(fixed))
+    if n_fixed > budget:
+        raise ValueError(f"compound prompt: the fixed part alone is {n_fixed} tokens > budget {budget}: {fixed!r}")
+    if not ir:
+        return fixed, False
+    full = f"{fixed} {ir}"
+    if len(tokenizer.encode(full)) <= budget:
+        return full, False
+    ir_ids = tokenizer.encode(" " + ir)
+    k = min(len(ir_ids), budget - n_fixed + 1)
+    while k > 0:
+        text = (fixed + tokenizer.decode(ir_ids[:k]).replace("\ufffd", "")).rstrip()
+        if len(tokenizer.encode(text)) <= budget:
+            return text, True
+        k -= 1
+    return fixed, True
+
+
+def build_compound_prompt(task: UnderstandingTask, ir: str, tokens: ConceptPromptTokens,
+                          tokenizer: TextTokenizer, budget: int | None = None) -> tuple[str, bool]:
+    """CP = fixed part + " " + clean IR, fitted to ``budget`` (default :func:`text_budget`); (text, cut)."""
+    return fit_to_budget(tokenizer, compound_fixed_part(task, tokens), clean_ir(ir),
+                         text_budget() if budget is None else budget)
+
+
+def reward_prompt(prompt: str, tokens: ConceptPromptTokens, class_word: str) -> str:
+    """The prompt as reward experts see it (D8): concept tokens stripped, ``<c>`` → class word."""
+    out = prompt
+    for t in sorted(tokens.all_tokens(), key=len, reverse=True):
+        out = out.replace(t, "")
+    out = out.replace(tokens.concept, class_word)
+    return " ".join(out.split())
