@@ -39,19 +39,28 @@ class RealShapeIds:
     """Show-o 512's id layout (phi-1.5 + 10 specials, 8192 codes): enough of a tokenizer for the sampler/masks."""
 
     pad_id: int = 50295
+    """``[PAD]``."""
     soi_id: int = 50296
+    """``<|soi|>``."""
     eoi_id: int = 50297
+    """``<|eoi|>``."""
     t2i_id: int = 50300
+    """``<|t2i|>``."""
     eot_id: int = 50256
+    """``<|endoftext|>`` (bos = eos = sot = eot)."""
     image_offset: int = 50305
+    """Id of code 0."""
     codebook_size: int = 8192
+    """MAGVIT-v2 codes."""
 
     @property
     def mask_id(self) -> int:
+        """58497."""
         return self.image_offset + self.codebook_size
 
     @property
     def vocab_size(self) -> int:
+        """58498."""
         return self.mask_id + 1
 
 

@@ -189,3 +189,14 @@ def test_no_cfg_and_errors(tiny):
         MaskGITSampler(model, tok, SamplerConfig(schedule="linear"))
     with pytest.raises(ValueError):
         MaskGITSampler(model, tok, SamplerConfig.tiny()).start(t2i(tok, PROMPTS), gens(1))
+
+
+def test_sampler_equals_straightforward_reference_loop(tiny):
+    """The benchmark's reference (full recompute, full vocab, CFG branches one after the other, eager attention)."""
+    from launch.bench_rollout import reference_generate
+
+    model, tok = tiny
+    inputs = t2i(tok, PROMPTS)
+    ref = reference_generate(model, tok, inputs, gens(1, 2, 3), timesteps=12)
+    _, st = run(model, tok, PROMPTS, [1, 2, 3])
+    assert torch.equal(ref, st.final_ids)
