@@ -193,6 +193,27 @@ class DSOGController:
         self.total_forced = 0
         self._last: dict[str, float] = {}
 
+    # ---------------------------------------------------------------- calibration
+    @staticmethod
+    def initial_threshold(scores: Any, cfg: DSOGConfig) -> float:
+        """T₀ for a first batch: ``cfg.initial_threshold`` if set, else the (1 − TPR) quantile of ``scores``."""
+        if cfg.initial_threshold is not None:
+            return float(cfg.initial_threshold)
+        s = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if s.size == 0 or not np.isfinite(s).all():
+            raise ValueError("DSOGController.initial_threshold: need non-empty finite scores")
+        return float(np.quantile(s, 1.0 - cfg.target_pass_rate))
+
+    @property
+    def initialized(self) -> bool:
+        """True once a threshold exists (fixed start, :meth:`initialize`, or the first observed batch)."""
+        return self.threshold is not None
+
+    def initialize(self, threshold: float) -> None:
+        """Set T₀ explicitly (e.g. computed by a worker from the first group's scores)."""
+        t = _check_score(threshold)
+        self.threshold = t
+
     # ---------------------------------------------------------------- decisions
     @property
     def active_threshold(self) -> float | None:
@@ -239,7 +260,7 @@ class DSOGController:
         pass_rate = float(p.mean())
         if self.cfg.enabled:
             if self.threshold is None:
-                self.threshold = float(np.quantile(s, 1.0 - self.cfg.target_pass_rate))
+                self.threshold = self.initial_threshold(s, self.cfg)
             else:
                 self._update(pass_rate)
         kept = int(p.sum()) + int(forced)

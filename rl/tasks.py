@@ -27,7 +27,8 @@ from rl.data import ConceptDataset, DatasetError
 
 __all__ = ["UnderstandingTask", "ConceptPromptTokens", "sample_task", "build_understanding_prompt",
            "text_only_question", "base_prompt", "expand_concept", "compound_fixed_part", "fit_to_budget",
-           "build_compound_prompt", "clean_ir", "reward_prompt", "text_budget"]
+           "build_compound_prompt", "clean_ir", "reward_prompt", "reward_prompt_text", "text_budget",
+           "as_prompt_tokens"]
 
 TASK_KINDS = ("visual", "text")
 
@@ -114,6 +115,15 @@ class ConceptPromptTokens:
         return self.understanding + self.generation + self.stage3
 
 
+def as_prompt_tokens(tokens: Any, num_understanding: int = 16, num_generation: int = 8) -> ConceptPromptTokens:
+    """``tokens`` as :class:`ConceptPromptTokens`; a tokenizer ``ConceptTokens`` is split with the given counts."""
+    if isinstance(tokens, ConceptPromptTokens):
+        return tokens
+    if hasattr(tokens, "concept_str") and hasattr(tokens, "token_strs"):
+        return ConceptPromptTokens.from_concept_tokens(tokens, num_understanding, num_generation)
+    raise ValueError(f"expected ConceptPromptTokens or ConceptTokens, got {type(tokens).__name__}")
+
+
 # ------------------------------------------------------------------------------------------ tasks
 def sample_task(dataset: ConceptDataset, concept: str, rng: np.random.Generator,
                 text_ratio: float = 0.5) -> UnderstandingTask:
@@ -155,7 +165,10 @@ def text_only_question(concept: str, extra_info: list[str], reasoning_prompt: st
 
 
 def build_understanding_prompt(task: UnderstandingTask, tokens: ConceptPromptTokens) -> str:
-    """The mmu question: ``tokens.mmu_prefix()`` + the visual question or the text-only template."""
+    """The mmu question: ``tokens.mmu_prefix()`` + the visual question or the text-only template.
+
+    ``tokens`` (here and below): :class:`ConceptPromptTokens` or a tokenizer ``ConceptTokens`` (16 + 8 split)."""
+    tokens = as_prompt_tokens(tokens)
     if task.kind == "visual":
         body = task.question
     elif task.kind == "text":
@@ -168,11 +181,13 @@ def build_understanding_prompt(task: UnderstandingTask, tokens: ConceptPromptTok
 # ------------------------------------------------------------------------------------------ generation
 def base_prompt(tokens: ConceptPromptTokens) -> str:
     """BP with concept tokens: ``"A photo of <token_0>…<token_23> <c>."``."""
+    tokens = as_prompt_tokens(tokens)
     return f"A photo of {tokens.t2i_phrase()}."
 
 
 def expand_concept(prompt: str, tokens: ConceptPromptTokens) -> str:
     """Replace the first ``<c>`` of ``prompt`` by the T2I phrase (tokens + ``<c>``); later mentions stay."""
+    tokens = as_prompt_tokens(tokens)
     if tokens.concept not in prompt:
         raise ValueError(f"prompt does not mention {tokens.concept}: {prompt!r}")
     return prompt.replace(tokens.concept, tokens.t2i_phrase(), 1)
@@ -180,6 +195,7 @@ def expand_concept(prompt: str, tokens: ConceptPromptTokens) -> str:
 
 def compound_fixed_part(task: UnderstandingTask, tokens: ConceptPromptTokens) -> str:
     """The part of CP that is never cut: BP (visual) or the expanded IP (text)."""
+    tokens = as_prompt_tokens(tokens)
     if task.kind == "visual":
         return base_prompt(tokens)
     fixed = expand_concept(task.gen_prompt.strip(), tokens)
@@ -229,8 +245,13 @@ def build_compound_prompt(task: UnderstandingTask, ir: str, tokens: ConceptPromp
 
 def reward_prompt(prompt: str, tokens: ConceptPromptTokens, class_word: str) -> str:
     """The prompt as reward experts see it (D8): concept tokens stripped, ``<c>`` → class word."""
+    tokens = as_prompt_tokens(tokens)
     out = prompt
     for t in sorted(tokens.all_tokens(), key=len, reverse=True):
         out = out.replace(t, "")
     out = out.replace(tokens.concept, class_word)
     return " ".join(out.split())
+
+
+reward_prompt_text = reward_prompt
+"""Alias of :func:`reward_prompt`."""

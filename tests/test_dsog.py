@@ -153,3 +153,15 @@ def test_config_validation_and_tiny():
         DSOGConfig(scorer="blip3")
     t = DSOGConfig.tiny()
     assert t.screen_step < DSOGConfig().screen_step
+
+
+def test_explicit_initialization_api():
+    c = DSOGConfig()
+    assert DSOGController.initial_threshold(np.linspace(0, 1, 101), c) == pytest.approx(0.75)
+    assert DSOGController.initial_threshold([1.0], DSOGConfig(initial_threshold=0.3)) == 0.3
+    ctrl = DSOGController(c)
+    assert not ctrl.initialized
+    ctrl.initialize(0.6)
+    assert ctrl.initialized and ctrl.threshold == 0.6
+    ctrl.observe_batch([0.1, 0.2], [False, False])  # already initialised: the rule applies (goes down)
+    assert ctrl.threshold < 0.6

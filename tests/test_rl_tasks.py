@@ -10,6 +10,7 @@ from rl.sample_data import write_sample_dataset
 from rl.seeding import make_numpy_generator, sample_seed
 from rl.tasks import (ConceptPromptTokens, UnderstandingTask, base_prompt, build_compound_prompt,
                       build_understanding_prompt, clean_ir, compound_fixed_part, fit_to_budget, reward_prompt,
+                      reward_prompt_text,
                       sample_task, text_budget)
 
 
@@ -181,3 +182,12 @@ def test_clean_ir_and_reward_prompt(tok_and_tokens):
                              gen_prompt="A photo of <astro>.")
     with pytest.raises(ValueError, match="kind"):
         build_understanding_prompt(task, astro)
+
+
+def test_accepts_tokenizer_concept_tokens(ds, tok_and_tokens):
+    tok, astro, _ = tok_and_tokens
+    task = sample_task(ds, "astro", np.random.default_rng(6), text_ratio=0.0)
+    ct = tok.concepts["astro"]
+    assert build_understanding_prompt(task, ct) == build_understanding_prompt(task, astro)
+    assert build_compound_prompt(task, "hi", ct, tok) == build_compound_prompt(task, "hi", astro, tok)
+    assert reward_prompt_text(base_prompt(ct), ct, "woman") == "A photo of woman."
