@@ -48,7 +48,7 @@ class LearnerConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     grad_clip: float = 1.0
-    """Global gradient-norm clip (0 = off)."""
+    """Global gradient-norm clip (0 = off; the norm is still measured and reported)."""
     trainable: str = "all"
     """D1: "all" Show-o weights, or "concept_rows" (only the concept tokens' embedding / lm_head rows)."""
     optimizer: str = "adamw"
@@ -91,7 +91,8 @@ def deepspeed_config(cfg: LearnerConfig, on_gpu: bool) -> dict:
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,
-        "gradient_clipping": float(cfg.grad_clip),
+        # 0 = off; a huge bound instead of 0 so DeepSpeed still measures the norm (ZeRO-0 skips it at 0)
+        "gradient_clipping": float(cfg.grad_clip) if cfg.grad_clip > 0 else 1e30,
         "zero_optimization": {"stage": int(cfg.zero_stage), "overlap_comm": False, "contiguous_gradients": True},
         "bf16": {"enabled": bool(bf16)},
         "zero_allow_untested_optimizer": True,
@@ -146,6 +147,17 @@ class LearnerWorker:
         module = self.backend.module.to(device)
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=self._optimizer(module),
                                                config=deepspeed_config(self.lcfg, on_gpu))
+        self._z0_norm = None
+        if self.lcfg.zero_stage == 0:  # fp32 ZeRO-0 clips but drops the norm: record it (clip_fp32_gradients)
+            from deepspeed.runtime.utils import clip_grad_norm_
+
+            eng = self.engine
+
+            def clip_and_record():
+                self._z0_norm = float(clip_grad_norm_(parameters=eng.module.parameters(),
+                                                      max_norm=eng.gradient_clipping(), mpu=eng.mpu))
+
+            eng.clip_fp32_gradients = clip_and_record
         if getattr(self.backend, "reference", None) is not None:
             self.backend.reference.to(device=device, dtype=next(self.engine.module.parameters()).dtype)
         return {"rank": self.rank, "setup_s": time.perf_counter() - t0, "device": str(device),
@@ -179,6 +191,7 @@ class LearnerWorker:
         t1 = time.perf_counter()
         engine.step()
         norm = engine.get_global_grad_norm()
+        norm = self._z0_norm if norm is None else norm
         sums.update(grad_norm=float(norm) if norm is not None else float("nan"),
                     replay_s=t1 - t0, step_s=time.perf_counter() - t1)
         return sums

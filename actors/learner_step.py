@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 __all__ = ["ReplayUnit", "build_units", "schedule_units", "UnitStats", "run_units", "ReplayBackend", "ToyBackend",
-           "ShowoBackend", "make_showo_backend"]
+           "ShowoBackend", "make_showo_backend", "concept_specs"]
 
 _STAT_KEYS = ("loss", "tokens", "kl_sum", "clip_sum", "image_absdiff", "image_tokens", "answer_absdiff",
               "answer_tokens", "units")
@@ -195,11 +195,14 @@ class ShowoBackend:
             self.reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
         self.row_params: tuple[str, ...] = ()
         self.row_ids: list[int] | None = None
+        self.restriction = None
         if trainable == "concept_rows":
+            from backbone.concepts import restrict_grads_to_rows
+
             ids = sorted({int(i) for c in policy.concepts.values() for i in c.all_ids})
+            self.restriction = restrict_grads_to_rows(policy.model, ids)  # after the reference copy (no hooks there)
             self.row_ids = ids
-            self.row_params = tuple(n for n, _ in policy.model.named_parameters()
-                                    if n in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"))
+            self.row_params = ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias")
         elif trainable != "all":
             raise ValueError(f"learner.trainable must be 'all' or 'concept_rows', got {trainable!r}")
         self._cache: dict[tuple[int, int, str], Any] = {}
@@ -288,18 +291,26 @@ class ShowoBackend:
         raise ValueError(f"ReplayUnit.kind must be 'image' or 'answer', got {unit.kind!r}")
 
 
-def make_showo_backend(cfg: Any, device: torch.device) -> ShowoBackend:
-    """Default backend factory: build the policy from a TrainConfig (same cfg + seed → same init on every rank)."""
+def concept_specs(dataset: Any) -> list:
+    """ConceptSpec list of a ConceptDataset (name + class word)."""
+    if hasattr(dataset, "concept_specs"):
+        return list(dataset.concept_specs())
+    from backbone.build import ConceptSpec
+
+    return [ConceptSpec(c.info.name, c.info.class_word) for c in dataset.concepts.values()]
+
+
+def make_showo_backend(cfg: Any, device: torch.device, concepts: list | None = None) -> ShowoBackend:
+    """Default backend factory: the policy from a TrainConfig (same cfg + seed → same init on every rank).
+
+    ``concepts``: ConceptSpec list; None = read them from ``cfg.data`` (the concept dataset)."""
     from backbone.build import build_policy
-    from rl.data import load_concept_dataset
 
-    specs = load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None).concept_specs()
-    policy = build_policy(cfg.model, specs, device=str(device))
-    if cfg.learner.trainable == "concept_rows":
-        from backbone.concepts import restrict_grads_to_rows
+    if concepts is None:
+        from rl.data import load_concept_dataset
 
-        ids = sorted({int(i) for c in policy.concepts.values() for i in c.all_ids})
-        policy._row_handle = restrict_grads_to_rows(policy.model, ids)
+        concepts = concept_specs(load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None))
+    policy = build_policy(cfg.model, concepts, device=device)
     return ShowoBackend(policy, cfg.objective, cfg.sampler.guidance_scale,
                         answer_temperature=cfg.rollout.answer_temperature, answer_top_k=cfg.rollout.answer_top_k,
                         trainable=cfg.learner.trainable)

@@ -227,3 +227,118 @@ def test_placement_layouts_schedule_actors(ray_cluster, layout):
             assert pl.plan.bundles["colocated"][0]["CPU"] == pytest.approx(0.25 + 2 * 0.25)
     finally:
         pl.remove()
+
+
+# -- the real tiny Show-o ----------------------------------------------------------------------------------------
+
+
+def showo_setup(timesteps: int = 3, max_answer: int = 6):
+    """Tiny Show-o policy, sampler config and objective (L_text = the answer budget)."""
+    from backbone.build import ConceptSpec, ModelConfig, build_policy
+    from backbone.maskgit import SamplerConfig
+
+    concepts = [ConceptSpec("bo", "dog")]
+    policy = build_policy(ModelConfig.tiny(), concepts)
+    return policy, concepts, SamplerConfig(timesteps=timesteps, guidance_scale=2.0), ObjectiveConfig(
+        max_answer_tokens=max_answer)
+
+
+def showo_samples(policy, sampler_cfg, n: int, max_answer: int = 6, seed: int = 0) -> list[RolloutSample]:
+    """Real rollouts of the tiny policy: MaskGIT trajectory (states/chosen/logps) + sampled answer, as RolloutSamples."""
+    from backbone.answer import generate_answers
+    from backbone.maskgit import MaskGITSampler
+    from backbone.prompts import build_mmu_inputs, build_t2i_inputs
+
+    tok, c = policy.tok, policy.concepts["bo"]
+    out = []
+    for i in range(n):
+        t2i = build_t2i_inputs(tok, [f"A photo of {c.concept_str} number {i}."], policy.vq.num_tokens, max_text_len=16)
+        with torch.no_grad():
+            sampler = MaskGITSampler(policy.model, tok, sampler_cfg)
+            state = sampler.run(sampler.start(t2i, [torch.Generator().manual_seed(seed * 100 + i)]))
+            tr = state.trajectory
+            mmu = build_mmu_inputs(tok, tr.final_ids, [f"What is {c.concept_str} doing?"])
+            ans = generate_answers(policy.model, tok, mmu, max_new_tokens=max_answer,
+                                   generators=[torch.Generator().manual_seed(seed * 100 + 50 + i)])
+        keep = ans.mask[0]
+        out.append(RolloutSample(
+            step=0, prompt_index=0, sample_index=i, concept="bo", category="animal", task_kind="visual",
+            mmu_input_ids=mmu.input_ids[0].numpy().astype(np.int64), answer_ids=ans.ids[0][keep].numpy(),
+            answer_logps=ans.logps[0][keep].numpy().astype(np.float32), answer_text=ans.texts[0], prompt_text="",
+            prompt_cut=False, t2i_input_ids=t2i.input_ids[0].numpy(), uncond_input_ids=t2i.uncond_input_ids[0].numpy(),
+            states=tr.states[0].numpy(), chosen=tr.chosen[0].numpy(), image_logps=tr.logps[0].numpy().astype(np.float32),
+            final_ids=tr.final_ids[0].numpy(), image=np.zeros((8, 8, 3), np.uint8), screen_score=0.0, attempts=1,
+            advantage=0.5 if i % 2 == 0 else -0.5).validate())
+    return out
+
+
+def test_showo_replay_reproduces_rollout_logps_and_d5_loss():
+    from actors.learner_step import ShowoBackend
+
+    policy, _, scfg, obj = showo_setup()
+    samples = showo_samples(policy, scfg, 2)
+    b = ShowoBackend(policy, obj, scfg.guidance_scale)
+    units = schedule_units(samples, 1, obj.alpha_und)[0]
+    sums = run_units(b.module, lambda loss: loss.backward(), b, samples, units, 1)
+    assert sums["image_absdiff"] / sums["image_tokens"] < 1e-5, "replay must reproduce the rollout's image log-probs"
+    assert sums["answer_absdiff"] / max(sums["answer_tokens"], 1) < 1e-5
+    # ratio 1, KL 0 at the reference: ℓ = −A per token → loss = mean_s −A_s (α_gen + α_und·M_s/L)
+    want = sum(-s.advantage * (obj.alpha_gen + obj.alpha_und * len(s.answer_ids) / obj.max_answer_tokens)
+               for s in samples) / len(samples)
+    assert sums["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert all(p.grad is not None for p in b.module.parameters())
+
+
+def test_showo_concept_rows_only_touch_concept_rows():
+    from actors.learner_step import ShowoBackend
+
+    policy, _, scfg, obj = showo_setup(timesteps=2)
+    samples = showo_samples(policy, scfg, 1)
+    b = ShowoBackend(policy, obj, scfg.guidance_scale, trainable="concept_rows")
+    run_units(b.module, lambda loss: loss.backward(), b, samples, schedule_units(samples, 1, 0.4)[0], 1)
+    trainable = [n for n, p in b.module.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == sorted(b.row_params)
+    rows = torch.tensor(b.row_ids)
+    for n, p in b.module.named_parameters():
+        if p.requires_grad:
+            other = torch.ones(p.shape[0], dtype=torch.bool)
+            other[rows] = False
+            assert float(p.grad[other].abs().sum()) == 0.0 and float(p.grad[rows].abs().sum()) > 0, n
+    assert all(p.requires_grad for p in b.reference.parameters()) is False
+
+
+@pytest.mark.slow
+def test_showo_train_step_on_two_ranks(ray_cluster):
+    from actors.learner import LearnerGroup
+    from actors.learner_step import make_showo_backend
+
+    policy, concepts, scfg, obj = showo_setup()
+    samples = showo_samples(policy, scfg, 3)
+    lc = LearnerConfig.tiny()
+    lc.lr, lc.num_cpus_per_rank = 1e-3, 0.5
+    cfg = SimpleNamespace(learner=lc, objective=obj, sync=SyncConfig.tiny(), model=policy_cfg(), sampler=scfg,
+                          rollout=SimpleNamespace(answer_temperature=1.0, answer_top_k=None))
+    t0 = time.perf_counter()
+    group = LearnerGroup(cfg, backend_factory=functools.partial(make_showo_backend, concepts=concepts))
+    try:
+        init = assert_ranks_identical(group)
+        assert all(torch.equal(init[k], v) for k, v in policy.model.state_dict().items()), "same cfg → same init"
+        m1 = group.train_step(samples)
+        after = assert_ranks_identical(group)
+        assert m1["logp_mismatch_image"] < 1e-5 and m1["logp_mismatch_answer"] < 1e-5
+        assert m1["units"] == 3 * scfg.timesteps + sum(len(s.answer_ids) > 0 for s in samples)
+        assert m1["grad_norm"] > 0 and m1["kl"] == 0.0
+        assert any(not torch.equal(init[k], after[k]) for k in init)
+        m2 = group.train_step(samples)  # off the reference now: KL > 0, rollout log-probs no longer match
+        assert_ranks_identical(group)
+        assert m2["kl"] > 0 and m2["logp_mismatch_image"] > 1e-5
+        print(f"tiny Show-o 2-rank: setup+2 steps {time.perf_counter() - t0:.1f}s, step {m2['time_s']:.2f}s")
+    finally:
+        group.shutdown()
+
+
+def policy_cfg():
+    """The ModelConfig used by showo_setup."""
+    from backbone.build import ModelConfig
+
+    return ModelConfig.tiny()
