@@ -194,11 +194,12 @@ class RewardExpert:
         self._reference_digests: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------------------- references
-    def add_reference(self, concept: str, images: Sequence[np.ndarray]) -> None:
+    def add_reference(self, concept: str, images: Sequence[np.ndarray], category: str | None = None) -> None:
         """Compute and cache the reference features of ``concept`` from uint8 HWC images.
 
         Calling it again with the same images is free (a digest check); other images replace the cache.
-        Experts that use no references (TIER, BER) accept and ignore the call.
+        Experts that use no references (TIER, BER) accept and ignore the call. ``category`` ("human",
+        "animal", "object") is optional; only FER uses it (non-human concepts are not scorable there).
         """
         if not isinstance(concept, str) or not concept:
             raise ValueError(f"{self.name}: add_reference needs a non-empty concept name, got {concept!r}")

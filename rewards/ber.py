@@ -63,7 +63,9 @@ def _random_config(arch: str, image_size: int, vocab_size: int):
                        vocab_size=vocab_size, cross_attention_frequency=1, use_qformer_text_input=True)
         return Blip2Config(vision_config=vision, qformer_config=qformer, num_query_tokens=4,
                            image_text_hidden_size=16)
-    return Blip2Config(vision_config=dict(image_size=image_size), qformer_config=dict(vocab_size=vocab_size, use_qformer_text_input=True),
+    # Blip2Config's defaults are BLIP-2's EVA ViT-g (1408 wide, 39 layers) and BERT-base-sized Q-Former
+    return Blip2Config(vision_config=dict(image_size=image_size),
+                       qformer_config=dict(vocab_size=vocab_size, use_qformer_text_input=True),
                        num_query_tokens=32, image_text_hidden_size=256)
 
 

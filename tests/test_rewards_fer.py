@@ -32,6 +32,15 @@ OTHER = _resize(CAMERAMAN, 200, 200)
 NOISE = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: with 2 cores shared by several jobs, multi-threaded kernels stall badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def fer():
     e = FerExpert(FerConfig.tiny())

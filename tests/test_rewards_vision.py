@@ -5,11 +5,21 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from rewards.base import ScoreBatch
 from rewards.registry import build_expert, config_class
 
 TEXTS = ["a photo of a dog", "a dog on the beach at sunset, wearing a red scarf", "cat", "x", "a b c d e f g"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: with 2 cores shared by several jobs, multi-threaded kernels stall badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _images(b=5, seed=0):
