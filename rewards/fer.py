@@ -82,7 +82,7 @@ class FerExpert(RewardExpert):
         super().__init__(config)
         from facenet_pytorch import MTCNN, InceptionResnetV1
 
-        path = resolve_weights(config.weights_path, "weights_path", self.name, config.random_init)
+        path = resolve_weights(config.weights_path, "weights_path", self.name, config.random_init, local_only=True)
         with seeded(config.seed):
             net = InceptionResnetV1(pretrained=None, classify=False)
         if not config.random_init:

@@ -98,6 +98,8 @@ def test_weight_resolution_errors_name_field(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights_path"):
         resolve_weights("vggface2.pth", "weights_path", "fer", random_init=False)
     assert resolve_weights("facebook/dinov2-base", "model_path", "der", False) == "facebook/dinov2-base"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_weights("timesler/facenet", "weights_path", "fer", False, local_only=True)
     assert resolve_weights(str(tmp_path), "model_path", "der", False) == str(tmp_path)
     with pytest.raises(FileNotFoundError, match="no_such_pkg"):
         resolve_weights("pkg:no_such_pkg/vocab.txt", "tokenizer_path", "ber", False)
