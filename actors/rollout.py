@@ -1,0 +1,103 @@
+"""Rollout actors: each holds an inference copy of the policy and turns group requests into scored samples."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout actors and how they sample."""
+
+    num_workers: int = 3
+    """Number of rollout actors (each holds one policy copy)."""
+    num_cpus: float = 4.0
+    """CPUs reserved per rollout actor."""
+    num_gpus: float = 1.0
+    """GPUs reserved per rollout actor (0 on CPU-only clusters)."""
+    group_size: int = 9
+    """G: samples per prompt (paper Table 4: 9). Must be >= 2 (advantages need a group)."""
+    answer_max_new_tokens: int = 100
+    """Maximum new tokens of the understanding answer IR (Show-o / UniCTokens: 100)."""
+    answer_temperature: float = 1.0
+    """Sampling temperature of the answer IR (design D3: 1)."""
+    answer_top_k: int | None = None
+    """Optional top-k for the answer IR; log-probs then use the renormalised top-k distribution (D3)."""
+    max_restarts: int = 2
+    """Ray restarts a dead rollout actor this many times; its groups are re-dispatched (D7 keeps them exact)."""
+    max_text_len: int = 128
+    """Show-o's text block (max_seq_length): 128 tokens + <|t2i|>; the compound prompt's budget (D9)."""
+    group_timeout_s: float = 3600.0
+    """A group that takes longer than this is treated as lost and re-dispatched."""
+
+    def validate(self) -> None:
+        """Reject impossible values."""
+        if self.group_size < 2:
+            raise ValueError(f"rollout.group_size must be >= 2 (got {self.group_size}): GRPO advantages "
+                             "compare samples within a group")
+        if self.num_workers < 1:
+            raise ValueError("rollout.num_workers must be >= 1")
+
+
+def _device(num_gpus: float) -> str:
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+@ray.remote
+class RolloutWorker:
+    """A Ray actor producing GRPO groups; receives weights from learner rank 0 (design D11)."""
+
+    def __init__(self, cfg_dict: dict, worker_index: int):
+        from actors.rollout_engine import RolloutEngine
+        from actors.scoring import serve_scorer
+        from actors.weight_sync import WeightReceiver
+        from backbone.build import ConceptSpec, build_policy
+        from configs.schema import config_from_dict
+        from rl.data import load_concept_dataset
+
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.cfg = config_from_dict(cfg_dict)
+        self.index = worker_index
+        self.device = _device(self.cfg.rollout.num_gpus)
+        self.dataset = load_concept_dataset(self.cfg.data.root, concepts=self.cfg.data.concepts or None)
+        specs = [ConceptSpec(name, c.info.class_word) for name, c in sorted(self.dataset.concepts.items())]
+        self.policy = build_policy(self.cfg.model, specs, device=self.device)
+        self.policy.model.eval()
+        self.engine = RolloutEngine(self.cfg, self.policy, self.dataset, serve_scorer(self.cfg),
+                                    device=self.device)
+        self.receiver = WeightReceiver(self.cfg.sync)
+
+    def ready(self) -> int:
+        """Returns the worker index once the policy is built."""
+        return self.index
+
+    def generate_group(self, request):
+        """Produce one group (see :meth:`RolloutEngine.generate_group`)."""
+        return self.engine.generate_group(request)
+
+    def init_weight_sync(self, address: str, port: int, rank: int, world_size: int) -> None:
+        """Join the learner→rollout broadcast group."""
+        self.receiver.init_group(address, port, rank, world_size)
+
+    def receive_weights(self) -> float:
+        """Receive the learner's weights (blocks until rank 0 broadcasts); returns seconds spent."""
+        return self.receiver.receive(self.policy.model)
+
+    def weights_checksum(self) -> list:
+        """Per-parameter checksums (for tests: bit-identity with the learner)."""
+        import torch
+
+        return [float(p.detach().double().sum()) for p in self.policy.model.parameters()]
+
+    def state_dict(self) -> dict:
+        """The policy's weights on CPU (for tests)."""
+        return {k: v.detach().cpu() for k, v in self.policy.model.state_dict().items()}

@@ -1,0 +1,186 @@
+"""The service's typed configuration: one dataclass per component, composed into :class:`TrainConfig`.
+
+Component dataclasses live beside the code they configure (``backbone.build.ModelConfig``,
+``backbone.maskgit.SamplerConfig``, ``rl.objective.ObjectiveConfig``, ``rl.dsog.DSOGConfig``, …); this module
+owns only the run-level sections and the composition. Defaults are the paper's Table 4 / the released code's
+values for the real 8×H100 job; ``configs/tiny_cpu.yaml`` overrides them for the embedded CPU default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.learner import LearnerConfig
+from actors.placement import PlacementConfig
+from actors.reward_serve import ServeConfig
+from actors.rollout import RolloutConfig
+from actors.weight_sync import SyncConfig
+from backbone.build import ModelConfig
+from backbone.maskgit import SamplerConfig
+from configs.loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from rl.data import DataConfig as ReaderConfig
+from rl.dsog import DSOGConfig
+from rl.objective import ObjectiveConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, how long it runs and how often it saves."""
+
+    name: str = "unictask-grpo"
+    """Run name; the run folder is ``<output_root>/<name>``."""
+    output_root: str = "runs"
+    """Folder that holds run folders. Relative paths resolve against the current directory at launch and are
+    turned into absolute paths (a ``ray job submit --working-dir`` uploads code, not runs: use an absolute path
+    on a cluster)."""
+    steps: int = 100
+    """Number of GRPO steps (paper Table 4: 100)."""
+    seed: int = 0
+    """Run seed. Every random draw is derived from (seed, step, prompt, sample, attempt) (design D7)."""
+    prompts_per_step: int = 1
+    """Prompts (groups) per GRPO step: the paper's batch size (Table 4: 1)."""
+    checkpoint_every: int = 10
+    """Write a checkpoint every K steps (and at the end and on SIGTERM)."""
+    keep_last: int = 3
+    """Checkpoints to keep; older ones are deleted after a newer one is complete."""
+    image_grid_every: int = 10
+    """Save a PNG grid of generated images every K steps (0 = never)."""
+    eval_every: int = 0
+    """Run the held-out evaluation every K steps (0 = never)."""
+    log_every: int = 1
+    """Print the metrics line every K steps."""
+    tensorboard: bool = True
+    """Also write metrics as TensorBoard event files in the run folder."""
+
+    def validate(self) -> None:
+        """Reject impossible values."""
+        if self.steps < 0 or self.prompts_per_step < 1:
+            raise ValueError("run.steps must be >= 0 and run.prompts_per_step >= 1")
+        if self.checkpoint_every < 1 or self.keep_last < 1:
+            raise ValueError("run.checkpoint_every and run.keep_last must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """The concept dataset (UniCTokens / UnifyBench++ layout)."""
+
+    root: str = "data/sample"
+    """Dataset root (holds ``concepts_list.json`` and ``concept/``). Relative paths resolve against the
+    current directory at launch."""
+    make_sample_if_missing: bool = False
+    """Create the bundled sample dataset at ``root`` when it does not exist (the tiny CPU default)."""
+    concepts: list[str] = field(default_factory=list)
+    """Concepts to train; empty = every concept in ``concepts_list.json``."""
+    text_task_ratio: float = 0.5
+    """Share of text-only reasoning tasks versus visual-instruct tasks (paper: 1:1)."""
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    """Checks applied while reading the dataset (image size limits, decoding every image up front)."""
+
+    def validate(self) -> None:
+        """Reject impossible values."""
+        if not 0.0 <= self.text_task_ratio <= 1.0:
+            raise ValueError("data.text_task_ratio must be in [0, 1]")
+
+
+@dataclass
+class RayConfig:
+    """How the driver joins or starts Ray."""
+
+    address: str | None = None
+    """Cluster address; None = use ``RAY_ADDRESS`` if set (as under ``ray job submit``), else start a local
+    cluster bound to 127.0.0.1."""
+    num_cpus: int | None = None
+    """CPUs of a locally started cluster (None = all)."""
+    num_gpus: int | None = None
+    """GPUs of a locally started cluster (None = all)."""
+    include_dashboard: bool = False
+    """Start the dashboard with a local cluster."""
+    dashboard_host: str = "127.0.0.1"
+    """Dashboard bind address of a local cluster; never 0.0.0.0 unless you set it."""
+    metrics_export_port: int | None = None
+    """Prometheus metrics port of a local cluster (None = Ray's choice)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a UniCTask-GRPO run needs. Load with :func:`load_config`."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run folder, length, seed and save cadence."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The concept dataset."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Show-o, tokenizer, MAGVIT-v2 and concept-token checkpoints."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """MaskGIT sampling (T, CFG scale, schedule)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout actors: count, resources, group size G, answer sampling."""
+    dsog: DSOGConfig = field(default_factory=DSOGConfig)
+    """Dynamic screening at an early MaskGIT step (DSOG)."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Dr.GRPO objective: clip ε, KL β, α weights, normalisers."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Learner group: ranks, DeepSpeed ZeRO stage, optimizer."""
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    """Learner → rollout weight sync."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """Layout of learner and rollout actors (split or colocated placement groups)."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Reward experts served on Ray Serve, with the ensemble weights."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Joining or starting Ray."""
+
+    def validate(self) -> None:
+        """Cross-section checks."""
+        if self.dsog.enabled and self.dsog.screen_step >= self.sampler.timesteps:
+            raise ValueError(f"dsog.screen_step ({self.dsog.screen_step}) must be < sampler.timesteps "
+                             f"({self.sampler.timesteps})")
+        if self.objective.max_answer_tokens < self.rollout.answer_max_new_tokens:
+            raise ValueError(f"objective.max_answer_tokens ({self.objective.max_answer_tokens}) must be >= "
+                             f"rollout.answer_max_new_tokens ({self.rollout.answer_max_new_tokens}): it is the "
+                             "constant answer normaliser L_text (D5)")
+        if self.dsog.enabled and self.dsog.scorer not in self.serve.enabled:
+            raise ValueError(f"dsog.scorer {self.dsog.scorer!r} must be deployed: add it to serve.enabled "
+                             f"({self.serve.enabled})")
+
+    @property
+    def run_dir(self) -> Path:
+        """Absolute run folder."""
+        return (Path(self.run.output_root).expanduser().resolve() / self.run.name)
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, or a bare name looked up in ``configs/`` (``tiny_cpu`` → configs/tiny_cpu.yaml)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    data = load_yaml(resolve_config_path(path)) if path else {}
+    data = apply_overrides(data, list(overrides or []))
+    cfg = from_dict(TrainConfig, data)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """The config as plain nested dicts (what is saved beside checkpoints)."""
+    return to_dict(cfg)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """Rebuild a config saved with :func:`config_to_dict`."""
+    return from_dict(TrainConfig, data)
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` re-exported for convenience."""
+    return dataclasses.replace(cfg, **changes)

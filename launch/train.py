@@ -1,0 +1,79 @@
+"""Train with UniCTask-GRPO: the embedded CPU default and the ``ray job submit`` entrypoint.
+
+    python -m launch.train --config configs/tiny_cpu.yaml
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m launch.train --config configs/h100x8.yaml run.output_root=/shared/runs
+
+Positional ``key.sub=value`` arguments override config fields. ``--resume auto`` continues from the run's
+latest complete checkpoint (if any); ``--resume PATH`` from a given checkpoint folder.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+log = logging.getLogger("launch.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny_cpu.yaml",
+                        help="YAML config (a path, or a name in configs/: tiny_cpu, h100x8, h100x8_colocated)")
+    parser.add_argument("--resume", default=None, help="'auto' or a checkpoint folder")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. run.steps=5 learner.lr=1e-4")
+    return parser.parse_args(argv)
+
+
+def prepare(cfg) -> None:
+    """Make paths absolute and create the sample dataset when the config asks for it."""
+    from launch.make_sample_data import make_sample_data
+
+    cfg.run.output_root = str(Path(cfg.run.output_root).expanduser().resolve())
+    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if not Path(cfg.data.root, "concepts_list.json").exists():
+        if not cfg.data.make_sample_if_missing:
+            raise FileNotFoundError(f"dataset not found at {cfg.data.root} (no concepts_list.json); set data.root "
+                                    "or data.make_sample_if_missing=true")
+        log.info("creating the sample dataset at %s", cfg.data.root)
+        make_sample_data(cfg.data.root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entrypoint; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    from actors.controller import Preempted, Trainer
+    from actors.ray_env import start_local_ray
+    from configs.schema import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    prepare(cfg)
+    rc = cfg.ray
+    start_local_ray(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
+                    dashboard_host=rc.dashboard_host, metrics_export_port=rc.metrics_export_port,
+                    address=rc.address)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        trainer.setup()
+        trainer.run()
+    except Preempted as exc:
+        log.warning("%s", exc)
+        return 143
+    finally:
+        trainer.shutdown()
+    log.info("run finished in %.1fs; outputs in %s", time.perf_counter() - t0, cfg.run_dir)
+    print(f"run folder: {cfg.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
