@@ -5,10 +5,14 @@ Each rank builds the same policy (same config + seed → same init), a frozen re
 ``train_step(samples)``: the driver deals the replay units over the ranks (``learner_step.schedule_units``), every
 rank replays its units with one ``engine.backward`` each, then one ``engine.step()`` (grad clip, AdamW).
 
-Gradient accumulation: DeepSpeed runs with ``managed_gradient_accumulation: false`` (``backward`` only accumulates;
-``step()`` is the boundary, whatever the number of units) and ``gradient_accumulation_steps: 1``; backward is called
-with ``scale_wrt_gas=False``. DeepSpeed averages gradients over ranks, so unit losses are multiplied by the world
-size: the reduced gradient equals the single-process gradient of the whole step's loss (tests/test_learner.py).
+Gradient accumulation: the config says ``gradient_accumulation_steps: 1``; the worker marks the accumulation boundary
+itself (``engine.set_gradient_accumulation_boundary(k == last unit)``) and calls ``engine.step()`` once, so any
+number of units per step works. ``backward(..., scale_wrt_gas=False)``. Each unit's forward goes through the engine
+(``learner_step.UnitForward``) so DeepSpeed's backward prologue runs. DeepSpeed averages gradients over ranks, so unit
+losses are multiplied by the world size: the reduced gradient equals the single-process gradient of the whole step's
+loss (tests/test_learner.py, fp32 ZeRO 0/1/2 exact, bf16 ZeRO 1/2 to bf16 precision).
+ZeRO-2 reduces gradients in every backward (one reduce-scatter per unit); ZeRO-1 only at the boundary – with ~100
+units per rank per step, ZeRO-1 moves far less data when its full gradient buffer fits.
 
 Every wait on the ranks is bounded (``collective_timeout_s``; it is also the torch.distributed timeout inside the
 ranks), and a timeout names the ranks that did not answer.
@@ -38,7 +42,7 @@ class LearnerConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0, 1 or 2 (3 is not supported by the weight sync)."""
     dtype: str = "auto"
-    """"auto" (bf16 on GPU, fp32 on CPU) | "bfloat16" | "float32"; fp16 is not supported."""
+    """Training dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16 or float32; fp16 is not supported."""
     lr: float = 1e-6
     """AdamW learning rate (constant)."""
     weight_decay: float = 1e-3
@@ -47,12 +51,14 @@ class LearnerConfig:
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
+    grad_accum_dtype: str = "float32"
+    """Dtype the step's gradients accumulate in over its many units when training in bf16 (float32 | bfloat16)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off; the norm is still measured and reported)."""
     trainable: str = "all"
     """D1: "all" Show-o weights, or "concept_rows" (only the concept tokens' embedding / lm_head rows)."""
     optimizer: str = "adamw"
-    """"adamw" (torch AdamW) | "sgd" (plain SGD, no momentum: lets tests read the reduced gradient as the update)."""
+    """adamw (torch AdamW) or sgd (plain SGD, no momentum: tests read the reduced gradient as the update)."""
     collective_timeout_s: float = 600.0
     """Bound on every collective inside the ranks and on every driver-side wait for them."""
     num_cpus_per_rank: float = 4.0
@@ -87,14 +93,17 @@ class LearnerTimeout(TimeoutError):
 def deepspeed_config(cfg: LearnerConfig, on_gpu: bool) -> dict:
     """The DeepSpeed config dict of one rank."""
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu)
+    if bf16 and cfg.zero_stage == 0 and cfg.grad_accum_dtype == "float32":
+        raise ValueError("learner.zero_stage=0 with bf16 cannot accumulate gradients in float32 (DeepSpeed); use "
+                         "learner.zero_stage>=1 or learner.grad_accum_dtype=bfloat16")
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,
         # 0 = off; a huge bound instead of 0 so DeepSpeed still measures the norm (ZeRO-0 skips it at 0)
         "gradient_clipping": float(cfg.grad_clip) if cfg.grad_clip > 0 else 1e30,
         "zero_optimization": {"stage": int(cfg.zero_stage), "overlap_comm": False, "contiguous_gradients": True},
         "bf16": {"enabled": bool(bf16)},
+        "data_types": {"grad_accum_dtype": ("fp32" if cfg.grad_accum_dtype == "float32" else "bf16") if bf16 else "fp32"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -114,17 +123,22 @@ class LearnerWorker:
         self._sync = None
 
     def address(self) -> tuple[str, int]:
-        """(node IP, a free port) – rank 0's answer becomes MASTER_ADDR/PORT."""
-        from actors.weight_sync import free_port
+        """(node IP, port) for the default group's store; rank 0 binds the port to that IP only (loopback stays
+        loopback) and keeps it until :meth:`setup`."""
+        from actors.weight_sync import listen_socket
 
         ip = ray.util.get_node_ip_address()
-        return ip, free_port(ip)
+        self._listen = listen_socket(ip)
+        return ip, self._listen.getsockname()[1]
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the DeepSpeed process group, build policy + reference, create the engine."""
         import importlib
 
         import torch
+        import torch.distributed as dist
+
+        from actors.weight_sync import is_loopback, master_store
 
         t0 = time.perf_counter()
         on_gpu = self.lcfg.num_gpus_per_rank > 0 and torch.cuda.is_available()
@@ -137,16 +151,26 @@ class LearnerWorker:
 
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # skip the CPU shm JIT build
         timeout = datetime.timedelta(seconds=self.lcfg.collective_timeout_s)
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timeout, verbose=False)
+        backend = "nccl" if on_gpu else "gloo"
+        if is_loopback(master_addr) and "lo" in {n for _, n in __import__("socket").if_nameindex()}:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if not dist.is_initialized():  # our own store: rank 0 listens on master_addr only
+            store = master_store(master_addr, master_port, self.world, self.rank == 0, timeout,
+                                 getattr(self, "_listen", None))
+            dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
         if self.backend_factory is None:
             from actors.learner_step import make_showo_backend
 
             self.backend = make_showo_backend(self.cfg, device)
         else:
             self.backend = self.backend_factory(self.cfg, device)
+        from actors.learner_step import UnitForward
+
         module = self.backend.module.to(device)
-        self.engine, *_ = deepspeed.initialize(model=module, optimizer=self._optimizer(module),
+        self.engine, *_ = deepspeed.initialize(model=UnitForward(module), optimizer=self._optimizer(module),
                                                config=deepspeed_config(self.lcfg, on_gpu))
+        self.module = self.engine.module.inner  # the policy (DeepSpeed may have cast it to bf16)
         self._z0_norm = None
         if self.lcfg.zero_stage == 0:  # fp32 ZeRO-0 clips but drops the norm: record it (clip_fp32_gradients)
             from deepspeed.runtime.utils import clip_grad_norm_
@@ -159,7 +183,7 @@ class LearnerWorker:
 
             eng.clip_fp32_gradients = clip_and_record
         if getattr(self.backend, "reference", None) is not None:
-            self.backend.reference.to(device=device, dtype=next(self.engine.module.parameters()).dtype)
+            self.backend.reference.to(device=device, dtype=next(self.module.parameters()).dtype)
         return {"rank": self.rank, "setup_s": time.perf_counter() - t0, "device": str(device),
                 "params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
 
@@ -186,8 +210,14 @@ class LearnerWorker:
         engine.train()
         if hasattr(self.backend, "begin_step"):
             self.backend.begin_step()
-        sums = run_units(engine.module, lambda loss: engine.backward(loss, scale_wrt_gas=False), self.backend,
-                         samples, units, self.world)
+        done = [0]
+
+        def backward(loss):  # the last unit is the accumulation boundary (reduction happens there / in step)
+            done[0] += 1
+            engine.set_gradient_accumulation_boundary(done[0] == len(units))
+            engine.backward(loss, scale_wrt_gas=False)
+
+        sums = run_units(self.module, backward, self.backend, samples, units, self.world, forward=engine)
         t1 = time.perf_counter()
         engine.step()
         norm = engine.get_global_grad_norm()
@@ -198,7 +228,7 @@ class LearnerWorker:
 
     def state_dict(self) -> dict:
         """The trained module's weights on CPU."""
-        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def save_checkpoint(self, path: str, tag: str = "learner") -> None:
         """DeepSpeed checkpoint (module + optimizer partitions); every rank must call it; shared storage."""
@@ -214,7 +244,7 @@ class LearnerWorker:
         """Rank 0: write the final weights (backend.export, else model.safetensors)."""
         os.makedirs(path, exist_ok=True)
         if hasattr(self.backend, "export"):
-            return self.backend.export(self.engine.module, path)
+            return self.backend.export(self.module, path)
         from safetensors.torch import save_file
 
         out = os.path.join(path, "model.safetensors")
@@ -229,7 +259,7 @@ class LearnerWorker:
         scfg = SyncConfig(**sync)
         self.sync_close()
         host = scfg.host or ray.util.get_node_ip_address()
-        backend = resolve_backend(scfg.backend, self.engine.module)
+        backend = resolve_backend(scfg.backend, self.module)
         self._sync = SyncGroup(host, 0, 0, world, backend, scfg.timeout_s, peers)
         self._sync_cfg = scfg
         return host, self._sync.port
@@ -245,9 +275,9 @@ class LearnerWorker:
         if self._sync is None or self._sync.pg is None:
             raise RuntimeError("sync_send before a successful sync_open/sync_join")
         b = self.backend
-        plan = plan_buckets(self.engine.module, self._sync_cfg.bucket_mb, rows=getattr(b, "row_ids", None),
+        plan = plan_buckets(self.module, self._sync_cfg.bucket_mb, rows=getattr(b, "row_ids", None),
                             row_params=tuple(getattr(b, "row_params", ()) or ()), version=version)
-        return send_weights(self._sync, self.engine.module, plan)
+        return send_weights(self._sync, self.module, plan)
 
     def sync_close(self) -> None:
         """Leave the sync group."""
@@ -302,11 +332,12 @@ class LearnerGroup:
         """One GRPO update on ``samples`` (advantages filled; consumed in id order, D7). Returns metrics:
         loss, kl, clip_frac, grad_norm, logp_mismatch_image/answer, units, time_s."""
         from actors.learner_step import schedule_units, summarize
+        from rl.batch import sort_samples, validate_batch
 
         if not samples:
             raise ValueError("LearnerGroup.train_step: empty sample list")
         t0 = time.perf_counter()
-        samples = sorted(samples, key=lambda s: (s.step, s.prompt_index, s.sample_index))
+        samples = sort_samples(validate_batch(samples))  # clear errors here, not inside a collective; D7 order
         plan = schedule_units(samples, self.num_ranks, self.alpha_und)
         ref = ray.put(list(samples))
         outs = self._get([w.train_step.remote(ref, plan[r]) for r, w in enumerate(self.workers)], "train_step")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ReplayUnit", "build_units", "schedule_units", "UnitStats", "run_units", "ReplayBackend", "ToyBackend",
+__all__ = ["ReplayUnit", "build_units", "schedule_units", "UnitStats", "run_units", "ReplayBackend", "ToyBackend", "UnitForward",
            "ShowoBackend", "make_showo_backend", "concept_specs"]
 
 _STAT_KEYS = ("loss", "tokens", "kl_sum", "clip_sum", "image_absdiff", "image_tokens", "answer_absdiff",
@@ -41,7 +41,7 @@ class ReplayUnit:
     sample: int
     """Index into the step's (id-sorted) sample list."""
     kind: str
-    """"image" | "answer"."""
+    """Unit kind: image (one MaskGIT step) or answer (the IR tokens)."""
     step: int = 0
     """MaskGIT step t for image units (0 for answers)."""
     weight: float = 1.0
@@ -140,16 +140,35 @@ class ReplayBackend(Protocol):
         ...
 
 
+class UnitForward(nn.Module):
+    """What DeepSpeed wraps: ``forward(fn) = fn(inner)``, so one unit's whole loss is ONE engine forward.
+
+    DeepSpeed hangs its backward prologue (ZeRO / BF16 optimizer bookkeeping: clearing low-precision grads,
+    boundary flags) on the outputs of ``engine.forward``; calling the inner module directly would skip it (with
+    bf16 + ZeRO-1 the fp32 accumulation then double counts). Parameter names gain the prefix ``inner.``."""
+
+    def __init__(self, inner: nn.Module):
+        """Wrap the policy module ``inner``."""
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, fn: Callable[[nn.Module], Any]) -> Any:
+        """Run ``fn(inner)`` (a unit's forward + loss)."""
+        return fn(self.inner)
+
+
 def run_units(module: nn.Module, backward: Callable[[torch.Tensor], Any], backend: ReplayBackend,
-              samples: Sequence[Any], units: Sequence[ReplayUnit], world_size: int) -> dict[str, float]:
+              samples: Sequence[Any], units: Sequence[ReplayUnit], world_size: int,
+              forward: Callable[[Callable], Any] | None = None) -> dict[str, float]:
     """Forward + ``backward(loss · weight · world_size)`` per unit; returns this rank's stats sums.
 
-    ``module`` is what the forward runs through (the DeepSpeed engine's module); ``backward`` is
-    ``lambda l: engine.backward(l, scale_wrt_gas=False)``. Padding units (weight 0) run the same compute.
+    ``forward(fn)`` runs ``fn(module)`` (the DeepSpeed engine around :class:`UnitForward`; default: a plain call);
+    ``backward`` is ``engine.backward(loss, scale_wrt_gas=False)``. Padding units (weight 0) run the same compute.
     """
+    forward = forward or (lambda fn: fn(module))
     stats = UnitStats()
     for unit in units:
-        loss, st = backend.unit_loss(module, samples, unit, len(samples))
+        loss, st = forward(lambda m, unit=unit: backend.unit_loss(m, samples, unit, len(samples)))
         backward(loss * (float(unit.weight) * world_size))
         if unit.weight > 0:
             stats.add(st)
@@ -210,6 +229,20 @@ class ShowoBackend:
     def begin_step(self) -> None:
         """Drop per-sample caches (call once per train step)."""
         self._cache.clear()
+
+    def export(self, module: nn.Module, path: str) -> str:
+        """Final weights: Show-o safetensors (``path/pytorch_model.safetensors``) + UniCTokens concept rows
+        (``path/concepts/<name>/epoch_0_*.pt``). Returns ``path``."""
+        import os
+
+        from backbone.checkpoint import save_showo_state_dict
+        from backbone.concepts import save_concept_checkpoint
+
+        os.makedirs(path, exist_ok=True)
+        save_showo_state_dict(module, path)
+        for name, ct in self.policy.concepts.items():
+            save_concept_checkpoint(module, ct, os.path.join(path, "concepts", name), epoch=0)
+        return path
 
     def _t2i(self, samples: Sequence[Any], i: int, device: torch.device):
         """Cached T2IBatch of sample i (cond + uncond, masks)."""

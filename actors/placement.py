@@ -29,7 +29,7 @@ class PlacementConfig:
     """How learner and rollout actors are laid out on the cluster."""
 
     layout: str = "split"
-    """"split" (own bundles per role) | "colocated" (learner rank and rollout actors share a bundle's GPU)."""
+    """Layout: split (own bundles per role) or colocated (learner rank and rollout actors share a bundle's GPU)."""
     strategy: str = "PACK"
     """Ray placement-group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD."""
     learner_gpu_share: float = 0.5

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import pickle
 import socket
 import time
@@ -45,7 +46,7 @@ class SyncConfig:
     bucket_mb: float = 256.0
     """Target size of one flat broadcast bucket in MiB (a larger tensor travels alone in its own bucket)."""
     backend: str = "auto"
-    """"gloo" | "nccl" | "auto" (NCCL when the sender holds CUDA tensors, else gloo)."""
+    """Process-group backend: gloo, nccl, or auto (NCCL when the model is on CUDA, else gloo)."""
     timeout_s: float = 300.0
     """Bound on every blocking step (rendezvous, header, each bucket); past it → WeightSyncTimeout."""
     host: str | None = None
@@ -152,11 +153,36 @@ def check_plan(model: nn.Module, plan: SyncPlan) -> str | None:
     return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral TCP port free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def listen_socket(host: str) -> socket.socket:
+    """A listening TCP socket bound to ``host`` only, on a free port (keeps a loopback cluster on loopback:
+    ``TCPStore`` alone would listen on every interface). Pass ``.fileno()`` as ``master_listen_fd``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(128)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` is a loopback address (the whole job runs on this machine)."""
+    return host.startswith("127.") or host in ("localhost", "::1")
+
+
+def master_store(host: str, port: int, world: int, is_master: bool, timeout: datetime.timedelta,
+                 listen: socket.socket | None = None) -> dist.TCPStore:
+    """TCPStore; the master listens on ``listen`` (bound to one address) when given."""
+    kw = {"master_listen_fd": listen.fileno()} if (is_master and listen is not None) else {}
+    return dist.TCPStore(host, port, world, is_master, timeout, wait_for_workers=False, **kw)
+
+
+def gloo_group(store, rank: int, world: int, timeout: datetime.timedelta, host: str) -> dist.ProcessGroupGloo:
+    """ProcessGroupGloo whose sockets bind to loopback when the job is on loopback (else the default device)."""
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    dev = (dist.ProcessGroupGloo.create_device(hostname="127.0.0.1") if is_loopback(host)
+           else dist.ProcessGroupGloo.create_default_device())
+    opts._devices = [dev]
+    return dist.ProcessGroupGloo(store, rank, world, opts)
 
 
 class SyncGroup:
@@ -176,12 +202,15 @@ class SyncGroup:
         self.pg = None
         self.join_s = 0.0
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self._listen = listen_socket(host) if (rank == 0 and port == 0) else None
+        if self._listen is not None:
+            port = self._listen.getsockname()[1]
         try:
-            self.store = dist.TCPStore(host, port, world, rank == 0, self.timeout, wait_for_workers=False)
+            self.store = master_store(host, port, world, rank == 0, self.timeout, self._listen)
         except Exception as e:  # a client could not reach the master in time
             raise WeightSyncTimeout(f"weight sync rank {rank}: no store at {host}:{port} within {timeout_s}s "
                                     f"(learner rank 0 not listening): {e}") from e
-        self.port = self.store.port
+        self.port = port
 
     def join(self) -> "SyncGroup":
         """Form the process group; blocks until every member joined, else WeightSyncTimeout naming the missing."""
@@ -190,11 +219,12 @@ class SyncGroup:
         pstore = dist.PrefixStore(self.prefix, self.store)
         try:
             if self.backend == "nccl":
+                os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")  # OpenRLHF/verl: avoids cross-process hangs
                 opts = dist.ProcessGroupNCCL.Options()
                 opts._timeout = self.timeout
                 self.pg = dist.ProcessGroupNCCL(pstore, self.rank, self.world, opts)
             else:
-                self.pg = dist.ProcessGroupGloo(pstore, self.rank, self.world, self.timeout)
+                self.pg = gloo_group(pstore, self.rank, self.world, self.timeout, self.host)
         except Exception as e:
             raise WeightSyncTimeout(f"weight sync rendezvous on {self.host}:{self.port} (rank {self.rank}) timed "
                                     f"out after {self.timeout_s}s; peers that never joined: {self._missing()}") from e
@@ -256,6 +286,9 @@ class SyncGroup:
                 except Exception:
                     pass
             setattr(self, attr, None)
+        if getattr(self, "_listen", None) is not None:
+            self._listen.close()
+            self._listen = None
 
 
 def _flat(spec: TensorSpec, p: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,7 @@ def test_receiver_with_other_shapes_fails_clearly_on_both_sides():
 
 def test_peer_that_never_joins_times_out_naming_it():
     g0 = SyncGroup("127.0.0.1", 0, 0, 3, "gloo", 2.0, peers=["learner rank 0", "rollout A", "rollout B"])
+    assert g0._listen.getsockname()[0] == "127.0.0.1", "the store must listen on loopback only"
 
     def only_a():
         WeightReceiver(SyncConfig(timeout_s=2.0, backend="gloo")).init_group(
