@@ -1,21 +1,14 @@
 """Learner group: N Ray actors forming one DeepSpeed data-parallel job (design D1, D4, D5, D11, D12).
 
-Each rank builds the same policy (same config + seed → same init), a frozen reference copy, and a DeepSpeed engine
-(ZeRO stage from config; bf16 on GPU, fp32 + gloo on CPU; torch AdamW as client optimizer, so no op JIT builds).
-``train_step(samples)``: the driver deals the replay units over the ranks (``learner_step.schedule_units``), every
-rank replays its units with one ``engine.backward`` each, then one ``engine.step()`` (grad clip, AdamW).
-
-Gradient accumulation: the config says ``gradient_accumulation_steps: 1``; the worker marks the accumulation boundary
-itself (``engine.set_gradient_accumulation_boundary(k == last unit)``) and calls ``engine.step()`` once, so any
-number of units per step works. ``backward(..., scale_wrt_gas=False)``. Each unit's forward goes through the engine
-(``learner_step.UnitForward``) so DeepSpeed's backward prologue runs. DeepSpeed averages gradients over ranks, so unit
-losses are multiplied by the world size: the reduced gradient equals the single-process gradient of the whole step's
-loss (tests/test_learner.py, fp32 ZeRO 0/1/2 exact, bf16 ZeRO 1/2 to bf16 precision).
-ZeRO-2 reduces gradients in every backward (one reduce-scatter per unit); ZeRO-1 only at the boundary – with ~100
-units per rank per step, ZeRO-1 moves far less data when its full gradient buffer fits.
-
-Every wait on the ranks is bounded (``collective_timeout_s``; it is also the torch.distributed timeout inside the
-ranks), and a timeout names the ranks that did not answer.
+Each rank builds the same policy (same config + seed → same init), a frozen reference copy and a DeepSpeed engine
+(ZeRO stage from config; bf16 on GPU, fp32 + gloo on CPU; client torch AdamW, so no op JIT builds). The driver deals
+the replay units over the ranks (``learner_step.schedule_units``); each rank runs one engine forward + backward per
+unit (``scale_wrt_gas=False``), marking the last unit as the accumulation boundary, then one ``engine.step()``.
+Unit losses carry a factor world_size because DeepSpeed averages over ranks: the reduced gradient equals the
+single-process gradient of the step loss (tested: fp32 ZeRO 0/1/2 exact, bf16 ZeRO-1 to bf16 precision).
+Note: ZeRO-2 reduce-scatters in every backward (once per unit), ZeRO-1 only at the boundary.
+Every wait on the ranks is bounded (``collective_timeout_s``, also the torch.distributed timeout inside the ranks);
+a timeout names the ranks that did not answer.
 """
 from __future__ import annotations
 
@@ -103,7 +96,7 @@ def deepspeed_config(cfg: LearnerConfig, on_gpu: bool) -> dict:
         "gradient_clipping": float(cfg.grad_clip) if cfg.grad_clip > 0 else 1e30,
         "zero_optimization": {"stage": int(cfg.zero_stage), "overlap_comm": False, "contiguous_gradients": True},
         "bf16": {"enabled": bool(bf16)},
-        "data_types": {"grad_accum_dtype": ("fp32" if cfg.grad_accum_dtype == "float32" else "bf16") if bf16 else "fp32"},
+        "data_types": {"grad_accum_dtype": "bf16" if (bf16 and cfg.grad_accum_dtype == "bfloat16") else "fp32"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -317,16 +310,19 @@ class LearnerGroup:
         self.setup_info = self._get([w.setup.remote(addr, port) for w in self.workers], "setup")
         log.info("learner group ready: %d ranks, %s", self.num_ranks, self.setup_info[0])
 
-    def _get(self, refs: list, what: str, timeout: float | None = None) -> list:
-        """ray.get bounded by collective_timeout_s (+ margin); a timeout names the unfinished ranks."""
+    def _get(self, refs: list, what: str, timeout: float | None = None, who: str = "learner ranks") -> list:
+        """ray.get bounded by ``timeout`` (default collective_timeout_s + 30 s); a timeout names the callees that
+        did not finish (LearnerTimeout for ranks, WeightSyncTimeout for rollout actors)."""
+        from actors.weight_sync import WeightSyncTimeout
+
         timeout = timeout if timeout is not None else self.lcfg.collective_timeout_s + 30.0
         try:
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             pending = [i for i, r in enumerate(refs) if r not in done]
-            raise LearnerTimeout(f"learner {what}: ranks {pending} did not finish within {timeout:.0f}s "
-                                 f"(learner.collective_timeout_s={self.lcfg.collective_timeout_s})") from None
+            exc = LearnerTimeout if who == "learner ranks" else WeightSyncTimeout
+            raise exc(f"{what}: {who} {pending} did not finish within {timeout:.0f}s") from None
 
     def train_step(self, samples: Sequence[Any]) -> dict[str, float]:
         """One GRPO update on ``samples`` (advantages filled; consumed in id order, D7). Returns metrics:
@@ -379,21 +375,9 @@ class LearnerGroup:
         self._sync_ids = None
         host, port = self._get([self.workers[0].sync_open.remote(world, peers, asdict(sc))], "sync_open")[0]
         joins = [a.init_weight_sync.remote(host, port, i + 1, world) for i, a in enumerate(actors)]
-        self._get([self.workers[0].sync_join.remote()], "sync_join", timeout=sc.timeout_s + 30.0)
-        self._get_actors(joins, actors, "init_weight_sync", sc.timeout_s + 30.0)
+        self._get([self.workers[0].sync_join.remote()], "weight sync join", sc.timeout_s + 30.0)
+        self._get(joins, "weight sync init_weight_sync", sc.timeout_s + 30.0, who="rollout actors")
         self._sync_ids = [a._actor_id.hex() for a in actors]
-
-    def _get_actors(self, refs: list, actors: Sequence[Any], what: str, timeout: float) -> list:
-        """ray.get on rollout-actor calls; a timeout names them."""
-        try:
-            return ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            from actors.weight_sync import WeightSyncTimeout
-
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            pending = [i for i, r in enumerate(refs) if r not in done]
-            raise WeightSyncTimeout(f"weight sync {what}: rollout actors {pending} did not answer within "
-                                    f"{timeout:.0f}s") from None
 
     def sync_weights(self, actors: Sequence[Any]) -> float:
         """Broadcast rank 0's weights to ``actors`` (each needs ``receive_weights()``); connects first when the
@@ -405,8 +389,8 @@ class LearnerGroup:
         send = self.workers[0].sync_send.remote(self._version)
         recvs = [a.receive_weights.remote() for a in actors]
         try:
-            stats = self._get([send], "sync_send", timeout=self.lcfg.collective_timeout_s + 2 * sc.timeout_s + 60)[0]
-            self._get_actors(recvs, actors, "receive_weights", sc.timeout_s + 30.0)
+            stats = self._get([send], "weight sync send", self.lcfg.collective_timeout_s + 2 * sc.timeout_s + 60)[0]
+            self._get(recvs, "weight sync receive_weights", sc.timeout_s + 30.0, who="rollout actors")
         except Exception:
             self._sync_ids = None  # the group is broken: re-form it next time
             raise

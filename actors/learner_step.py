@@ -1,21 +1,17 @@
-"""The learner's per-rank replay + loss logic (pure: no Ray, no DeepSpeed import; the engine comes in as a callable).
+"""The learner's per-rank replay + loss logic (no Ray; the DeepSpeed engine comes in as callables).
 
-One training step replays every sample's stored trajectory unit by unit and accumulates gradients:
+- A *replay unit* is one (sample, MaskGIT step t) or one (sample, answer); the answer unit exists when the sample
+  has answer tokens and ``alpha_und > 0``.
+- :func:`schedule_units` (D12) deals image units and answer units round-robin *per kind*, each kind padded to a
+  multiple of the world size with zero-weight copies: every rank runs the same number of forward/backward calls
+  and, at each position, the same kind (ZeRO-2 reduces inside each backward, so hook order must match).
+- A unit's loss is its exact share of the D5 step loss (``rl.objective`` holds the 1/S mean and the T·N / L_text
+  normalisers); summed over all units of all ranks it is the step loss.
+- :func:`run_units` multiplies each unit loss by ``weight × world_size``: DeepSpeed *averages* over ranks, so
+  mean_r(Σ_{u∈r} W·∇ℓ_u) = Σ_u ∇ℓ_u, the single-process gradient of the step loss (tests/test_learner.py).
 
-- a *replay unit* is one (sample, MaskGIT step t) or one (sample, answer) – the answer unit exists when the sample
-  has answer tokens and ``alpha_und > 0``;
-- :func:`schedule_units` spreads the units evenly over the learner ranks (design D12): image units and answer units
-  are dealt round-robin *per kind* and each kind is padded to a multiple of the world size with zero-weight copies,
-  so every rank runs the same number of forward/backward calls and, at every position, the same *kind* of call
-  (ZeRO-2 reduces gradients inside each backward: the ranks' hook order must match or collectives mismatch);
-- each unit's loss is the unit's exact contribution to the D5 step loss (``rl.objective``: the ``1/S`` sample mean
-  and the T·N / L_text normalisers are inside), so the sum over all units of all ranks is the step loss;
-- :func:`run_units` multiplies every unit loss by ``weight × world_size`` before ``backward`` because DeepSpeed
-  *averages* gradients over data-parallel ranks: mean_r(Σ_{u∈r} W·∇ℓ_u) = Σ_u ∇ℓ_u, the single-process gradient of
-  the whole step's loss (tested in ``tests/test_learner.py``).
-
-Old log-probs are the learner's own detached log-probs (D4, μ = 1): ratio 1, gradient = policy gradient. The rollout's
-recorded log-probs are only compared, giving the rollout–learner mismatch metric.
+Old log-probs = the learner's own detached log-probs (D4, μ = 1); the rollout's recorded log-probs only feed the
+rollout–learner mismatch metric.
 """
 from __future__ import annotations
 
@@ -27,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ReplayUnit", "build_units", "schedule_units", "UnitStats", "run_units", "ReplayBackend", "ToyBackend", "UnitForward",
-           "ShowoBackend", "make_showo_backend", "concept_specs"]
+__all__ = ["ReplayUnit", "build_units", "schedule_units", "UnitStats", "run_units", "ReplayBackend", "UnitForward",
+           "ShowoBackend", "make_showo_backend", "concept_specs", "ToyBackend"]
 
 _STAT_KEYS = ("loss", "tokens", "kl_sum", "clip_sum", "image_absdiff", "image_tokens", "answer_absdiff",
               "answer_tokens", "units")
@@ -48,15 +44,10 @@ class ReplayUnit:
     """1 for real units, 0 for padding units (same compute, no contribution)."""
 
 
-def has_answer(sample: Any) -> bool:
-    """The sample carries answer tokens to train on."""
-    return int(np.asarray(sample.answer_ids).shape[0]) > 0
-
-
 def build_units(samples: Sequence[Any], alpha_und: float) -> tuple[list[ReplayUnit], list[ReplayUnit]]:
     """(image units, answer units) in id order: T per sample, plus one answer unit when it has tokens and α_und>0."""
     image = [ReplayUnit(i, "image", t) for i, s in enumerate(samples) for t in range(int(s.states.shape[0]))]
-    answer = [ReplayUnit(i, "answer") for i, s in enumerate(samples) if alpha_und > 0 and has_answer(s)]
+    answer = [ReplayUnit(i, "answer") for i, s in enumerate(samples) if alpha_und > 0 and len(s.answer_ids) > 0]
     return image, answer
 
 

@@ -27,10 +27,12 @@ def toy_samples(n: int, seed: int = 0, no_answer: tuple[int, ...] = (1,)) -> lis
         m = 0 if i in no_answer else int(rng.integers(2, 6))
         out.append(RolloutSample(
             step=0, prompt_index=i // 3, sample_index=i % 3, concept="bo", category="animal", task_kind="visual",
-            mmu_input_ids=rng.integers(0, VOCAB, 5).astype(np.int64), answer_ids=rng.integers(0, VOCAB, m).astype(np.int64),
+            mmu_input_ids=rng.integers(0, VOCAB, 5).astype(np.int64),
+            answer_ids=rng.integers(0, VOCAB, m).astype(np.int64),
             answer_logps=(-rng.random(m) * 3).astype(np.float32), answer_text="x", prompt_text="A photo of <bo>.",
             prompt_cut=False, t2i_input_ids=np.zeros(8, np.int64), uncond_input_ids=np.zeros(8, np.int64),
-            states=rng.integers(0, VOCAB, (T, N)).astype(np.int64), chosen=rng.integers(0, CODES, (T, N)).astype(np.int64),
+            states=rng.integers(0, VOCAB, (T, N)).astype(np.int64),
+            chosen=rng.integers(0, CODES, (T, N)).astype(np.int64),
             image_logps=(-rng.random((T, N)) * 3).astype(np.float32), final_ids=np.zeros(N, np.int64),
             image=np.zeros((4, 4, 3), np.uint8), screen_score=0.5, attempts=1, reward=float(rng.random()),
             advantage=float(rng.normal())).validate())
@@ -279,7 +281,7 @@ def showo_setup(timesteps: int = 3, max_answer: int = 6):
 
 
 def showo_samples(policy, sampler_cfg, n: int, max_answer: int = 6, seed: int = 0) -> list[RolloutSample]:
-    """Real rollouts of the tiny policy: MaskGIT trajectory (states/chosen/logps) + sampled answer, as RolloutSamples."""
+    """Real rollouts of the tiny policy (MaskGIT trajectory + sampled answer) as RolloutSamples."""
     from backbone.answer import generate_answers
     from backbone.maskgit import MaskGITSampler
     from backbone.prompts import build_mmu_inputs, build_t2i_inputs
@@ -287,7 +289,8 @@ def showo_samples(policy, sampler_cfg, n: int, max_answer: int = 6, seed: int = 
     tok, c = policy.tok, policy.concepts["bo"]
     out = []
     for i in range(n):
-        t2i = build_t2i_inputs(tok, [f"A photo of {c.concept_str} number {i}."], policy.vq.num_tokens, max_text_len=16)
+        t2i = build_t2i_inputs(tok, [f"A photo of {c.concept_str} number {i}."], policy.vq.num_tokens,
+                               max_text_len=16)
         with torch.no_grad():
             sampler = MaskGITSampler(policy.model, tok, sampler_cfg)
             state = sampler.run(sampler.start(t2i, [torch.Generator().manual_seed(seed * 100 + i)]))
@@ -300,8 +303,9 @@ def showo_samples(policy, sampler_cfg, n: int, max_answer: int = 6, seed: int = 
             step=0, prompt_index=0, sample_index=i, concept="bo", category="animal", task_kind="visual",
             mmu_input_ids=mmu.input_ids[0].numpy().astype(np.int64), answer_ids=ans.ids[0][keep].numpy(),
             answer_logps=ans.logps[0][keep].numpy().astype(np.float32), answer_text=ans.texts[0], prompt_text="",
-            prompt_cut=False, t2i_input_ids=t2i.input_ids[0].numpy(), uncond_input_ids=t2i.uncond_input_ids[0].numpy(),
-            states=tr.states[0].numpy(), chosen=tr.chosen[0].numpy(), image_logps=tr.logps[0].numpy().astype(np.float32),
+            prompt_cut=False, t2i_input_ids=t2i.input_ids[0].numpy(),
+            uncond_input_ids=t2i.uncond_input_ids[0].numpy(), states=tr.states[0].numpy(),
+            chosen=tr.chosen[0].numpy(), image_logps=tr.logps[0].numpy().astype(np.float32),
             final_ids=tr.final_ids[0].numpy(), image=np.zeros((8, 8, 3), np.uint8), screen_score=0.0, attempts=1,
             advantage=0.5 if i % 2 == 0 else -0.5).validate())
     return out
