@@ -185,6 +185,7 @@ def test_learner_to_rollout_actors_bit_exact_then_timeout_then_recover(ray_clust
     Rollout = ray.remote(num_cpus=0)(ToyRollout)
     actors = [Rollout.remote(seed=100 + i, sync=cfg.sync) for i in range(2)]
     silent = ray.remote(num_cpus=0)(SilentRollout).remote()
+    ray.get([a.state_dict.remote() for a in actors])  # started: the 5 s bound is for the rendezvous, not start-up
     try:
         for step in range(2):
             group.train_step(toy_samples(3, seed=step))
@@ -238,6 +239,7 @@ def test_showo_concept_rows_sync_sends_only_the_rows(ray_cluster):
     cfg.rollout = SimpleNamespace(answer_temperature=1.0, answer_top_k=None)
     group = LearnerGroup(cfg, backend_factory=functools.partial(make_showo_backend, concepts=concepts))
     rollout = ray.remote(num_cpus=0)(ShowoRollout).remote(cfg.sync)
+    ray.get(rollout.state_dict.remote())
     try:
         init = group.state_dict_rank0()
         group.train_step(showo_samples(policy, scfg, 2))
