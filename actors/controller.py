@@ -198,6 +198,8 @@ class Trainer:
             ray.kill(w)
         if hasattr(self, "learners"):
             self.learners.shutdown()
+        if hasattr(self, "placement"):
+            self.placement.remove()
         try:
             from ray import serve
 

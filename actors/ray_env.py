@@ -26,19 +26,20 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, in
     A local cluster binds the node IP, the dashboard and every port to 127.0.0.1 unless the caller passes another
     ``dashboard_host`` explicitly. Returns ``ray.init``'s context.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:  # must be set before Ray resolves the node IP (i.e. before ray.init)
+        for key, value in loopback_env().items():
+            os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
-    address = address or os.environ.get("RAY_ADDRESS")
     env_vars = dict(loopback_env())
     env_vars.update((runtime_env or {}).get("env_vars", {}))
     runtime_env = dict(runtime_env or {}, env_vars=env_vars)
     if address:
         log.info("joining Ray cluster at %s", address)
         return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    for key, value in loopback_env().items():
-        os.environ.setdefault(key, value)
     kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
                   runtime_env=runtime_env, _node_ip_address=LOOPBACK)
     if include_dashboard:

@@ -156,7 +156,7 @@ class RolloutEngine:
             by_state.setdefault(id(state), (state, []))[1].append((i, row))
         for state, members in by_state.values():
             rows = [row for _, row in members]
-            sub = state.select(rows) if len(rows) != state.batch_size else state
+            sub = state if rows == list(range(state.batch_size)) else state.select(rows)
             sub = self.sampler.run(sub)
             for k, (i, _) in enumerate(members):
                 finished[i] = (sub, k)

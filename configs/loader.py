@@ -66,6 +66,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         val_tp = args[1] if len(args) == 2 else Any
         return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(cfg) -> None:
     """Make paths absolute and create the sample dataset when the config asks for it."""
-    from launch.make_sample_data import make_sample_data
+    from rl.sample_data import write_sample_dataset
 
     cfg.run.output_root = str(Path(cfg.run.output_root).expanduser().resolve())
     cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
@@ -43,7 +43,7 @@ def prepare(cfg) -> None:
             raise FileNotFoundError(f"dataset not found at {cfg.data.root} (no concepts_list.json); set data.root "
                                     "or data.make_sample_if_missing=true")
         log.info("creating the sample dataset at %s", cfg.data.root)
-        make_sample_data(cfg.data.root)
+        write_sample_dataset(cfg.data.root)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,7 @@ class RolloutSample:
     image: np.ndarray
     """uint8 [H, W, 3]: decoded final image."""
     screen_score: float
-    """DSOG screen score of the kept attempt."""
+    """DSOG screen score of the kept attempt (NaN when DSOG is off: the sample was not screened)."""
     attempts: int
     """Number of DSOG attempts drawn for this sample (>= 1)."""
     rewards: dict[str, float] = field(default_factory=dict)
@@ -144,6 +144,8 @@ def validate_sample(s: RolloutSample, where: str = "") -> None:
         _fail("attempts", f"expected >= 1, got {s.attempts}", where)
     for name in ("screen_score", "reward", "advantage"):
         v = getattr(s, name)
+        if name == "screen_score" and isinstance(v, float) and np.isnan(v):
+            continue  # not screened (DSOG off)
         if not isinstance(v, (float, int, np.floating, np.integer)) or not np.isfinite(v):
             _fail(name, f"expected a finite number, got {v!r}", where)
     if not isinstance(s.rewards, dict):
