@@ -153,7 +153,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--min-seconds", type=float, default=0.0, help="keep timing until this much time was spent")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    from launch.bench_serve import add_arguments as add_serve_arguments, main_from_args as serve_main
+    p.add_argument("--serve", action="store_true", help="benchmark the Ray Serve deployments (launch/bench_serve.py)")
+    add_serve_arguments(p)
     args = p.parse_args(argv)
+    if args.serve:
+        return serve_main(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
