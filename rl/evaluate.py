@@ -1,0 +1,488 @@
+"""UnifyBench++ evaluation of a policy on the held-out ``test/`` data (no Ray): metrics, JSON, Markdown, PNG grid.
+
+Per concept (metric definitions in :mod:`rl.metrics_eval`), every answer greedy with ``eval.max_new_tokens``
+(UniCTokens: 100), prompts built exactly as in training (:mod:`rl.tasks`: the ``"<c> is <token_0..15>."`` mmu
+prefix; ``<c>`` in T2I prompts expanded to ``"<token_0..23> <c>"``; the compound prompt CP = IP + IR):
+
+* **Rec.**: "Is <c> in this photo?" (``eval.rec_question``) on the concept's test images (positives) and on the
+  other concepts' test images + ``random_images/`` (negatives, interleaved); weighted accuracy.
+* **VQA**: ``test/<c>/vqa.json`` on its test image; **QA**: ``text_only.json`` on the black image; char BLEU.
+* **Rea.**: the text-only reasoning task (all extra_info + a held-out reasoning prompt IP), BLEU of the cleaned
+  answer against the correct extra_info item. Held-out pairs: ``test/<c>/reasoning.json`` (the train schema) if
+  present, else the t2i_conditions prompts paired in order with the extra_info items that no training reasoning
+  prompt uses (UnifyBench++: the non-training facts are the test facts); remaining prompts are Pure Gen. prompts.
+* **Pure Gen.**: images of "A photo of <c>.", the leftover t2i_conditions prompts and ``prompts_to_eval.json``
+  (``<sks>`` → ``<c>``); CLIP-I to the training images, CLIP-T to the prompt with tokens stripped and
+  ``<c>`` → class word (D8); **Face** (human concepts): FER over those images where a face is detected.
+* **Rea. Gen.**: images from CP = IP + the model's own reasoning answer; CLIP-I, and CLIP-T against the explicit
+  prompt IP + the correct item (the paper: "replace the inferential part with specific details").
+* **Dense Rea. / Dense Gen.**: only with a judge (:mod:`rl.judge`); Dense Gen. prompts are the t2i_conditions
+  lists whose key contains "dense", else the Rea. Gen. explicit prompts.
+
+Deterministic: greedy answers; image ``j`` of prompt ``i`` of kind ``k`` draws only from
+``make_generator(sample_seed(eval.seed, 0, i, j, 0, f"eval/{concept}/{k}"))`` (rl.seeding, D7), so results
+do not depend on batching, on the other concepts, or on the training step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from backbone.answer import generate_answers
+from backbone.maskgit import MaskGITSampler
+from backbone.prompts import build_mmu_inputs, build_t2i_inputs
+from configs.loader import to_dict
+from rl import metrics_eval as M
+from rl.data import T2I_DEFAULT_KEY, ConceptDataset, DatasetError, ReasoningPrompt
+from rl.judge import Judge, build_judge, check_judge_score
+from rl.seeding import make_generator, sample_seed
+from rl.tasks import (ConceptPromptTokens, UnderstandingTask, build_compound_prompt, build_understanding_prompt,
+                      clean_ir, compound_fixed_part, expand_concept, reward_prompt, text_budget)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalConfig", "EvalScorers", "build_eval_scorers", "test_reasoning", "rec_items", "gen_prompts",
+           "generate_images", "evaluate_policy", "flat_metrics", "write_eval_outputs", "EvalRunner",
+           "worker_evaluate"]
+
+
+@dataclass
+class EvalConfig:
+    """UnifyBench++ evaluation (launch.evaluate and the periodic held-out eval of a run, run.eval_every)."""
+
+    max_new_tokens: int = 100
+    """Greedy answer length of every understanding question (UniCTokens' eval: 100)."""
+    images_per_prompt: int = 1
+    """Images generated per generation prompt."""
+    rec_question: str = "Is <c> in this photo?"
+    """Recognition question; "<c>" becomes the concept token. Answers are read by their first yes / no."""
+    max_rec_positive: int | None = None
+    """Cap on positive recognition images per concept (None = all test images)."""
+    max_rec_negative: int | None = None
+    """Cap on negative recognition images per concept (None = all other concepts' test images + random_images)."""
+    max_vqa: int | None = None
+    """Cap on VQA questions per concept."""
+    max_qa: int | None = None
+    """Cap on text-only QA questions per concept."""
+    max_rea: int | None = None
+    """Cap on reasoning items (Rea. and Rea. Gen.) per concept."""
+    max_gen_prompts: int | None = None
+    """Cap on Pure Gen. prompts per concept ("A photo of <c>." comes first)."""
+    use_eval_prompts: bool = True
+    """Add prompts_to_eval.json (by the concept's generation_type) to the Pure Gen. prompts."""
+    seed: int = 0
+    """Seed of every image draw (with concept, kind, prompt and image index; independent of the run seed and step,
+    so evaluations at different steps use the same noise)."""
+    batch_size: int = 8
+    """Questions / images per forward batch (results do not depend on it)."""
+    clip: bool = True
+    """Compute CLIP-I / CLIP-T (the CLIP expert of serve.clip: ViT-B/32 openai by default, tiny in tiny configs)."""
+    face: bool = True
+    """Compute face similarity for human concepts (the FER expert of serve.fer)."""
+    judge: str | None = None
+    """Registered judge (rl.judge) for Dense Rea. / Dense Gen.; None = not computed."""
+    judge_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the judge's factory."""
+    train_limit: int | None = 2
+    """During training (run.eval_every): cap on every per-concept list above, so the periodic eval stays short."""
+    write_during_training: bool = True
+    """During training: also write JSON / Markdown / grid to <run>/eval/step_<N>/."""
+    grid_cell: int = 128
+    """Side of one image in the PNG grid."""
+
+    def validate(self) -> None:
+        """Reject impossible values."""
+        if self.max_new_tokens < 1 or self.images_per_prompt < 1 or self.batch_size < 1:
+            raise ValueError("eval.max_new_tokens, eval.images_per_prompt and eval.batch_size must be >= 1")
+        if "<c>" not in self.rec_question:
+            raise ValueError(f"eval.rec_question must contain '<c>', got {self.rec_question!r}")
+
+
+@dataclass
+class EvalScorers:
+    """The models behind the generation metrics (each optional: a missing one leaves its metrics None)."""
+
+    clip: Any = None
+    """rewards.clip_score.ClipExpert with reference features of every concept (its training images)."""
+    fer: Any = None
+    """rewards.fer.FerExpert with references of the human concepts."""
+    judge: Judge | None = None
+    """Judge for Dense Rea. / Dense Gen."""
+    notes: dict[str, str] = field(default_factory=dict)
+    """Why a scorer is missing (e.g. a human concept without a detectable reference face)."""
+
+
+def _eval_cfg(cfg) -> EvalConfig:
+    ecfg = getattr(cfg, "eval", None) or EvalConfig()
+    ecfg.validate()
+    return ecfg
+
+
+def build_eval_scorers(cfg, dataset: ConceptDataset, device: str | torch.device | None = None) -> EvalScorers:
+    """CLIP and FER from ``cfg.serve.clip`` / ``cfg.serve.fer`` (device overridable), references = the training
+    images; the judge from ``cfg.eval.judge``."""
+    import dataclasses
+
+    from rewards.registry import build_expert
+
+    ecfg = _eval_cfg(cfg)
+    out = EvalScorers(judge=build_judge(ecfg.judge, **ecfg.judge_options))
+
+    def expert(name: str):
+        c = cfg.serve.expert(name).expert_config(name)
+        return build_expert(name, dataclasses.replace(c, device=str(device)) if device is not None else c)
+
+    if ecfg.clip:
+        out.clip = expert("clip")
+        for name, c in dataset.concepts.items():
+            out.clip.add_reference(name, [r.load() for r in c.train.images])
+    humans = {n: c for n, c in dataset.concepts.items() if c.info.category == "human"}
+    if ecfg.face and humans:
+        out.fer = expert("fer")
+        for name, c in humans.items():
+            try:
+                out.fer.add_reference(name, [r.load() for r in c.train.images], category="human")
+            except ValueError as exc:  # no face in any reference image
+                out.notes[f"face/{name}"] = str(exc)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ items
+def _cap(items: list, *caps: int | None) -> list:
+    caps = [c for c in caps if c is not None]
+    return items[:min(caps)] if caps else items
+
+
+def test_reasoning(dataset: ConceptDataset, concept: str) -> tuple[list[ReasoningPrompt], list[str]]:
+    """(held-out reasoning prompts with their answer index, the t2i_conditions prompts left for Pure Gen.)."""
+    c = dataset.concept(concept)
+    prompts = list(c.test.t2i_conditions.get(T2I_DEFAULT_KEY, []))
+    path = dataset.root / "concept" / "test" / concept / "reasoning.json"
+    if path.exists():
+        from rl.data import _read_reasoning  # the training reader: same schema, same checks
+
+        return _read_reasoning(path.parent, c.info), prompts
+    used = {rp.answer_index for rp in c.train.reasoning}
+    held = [i for i in range(len(c.info.extra_info)) if i not in used]
+    n = min(len(held), len(prompts))
+    if not c.train.reasoning:  # nothing says which facts are held out
+        n = 0
+    return [ReasoningPrompt(prompts[k], held[k]) for k in range(n)], prompts[n:]
+
+
+def rec_items(dataset: ConceptDataset, concept: str) -> list[tuple[Any, bool]]:
+    """(ImageRef, expected yes) pairs: the concept's test images, then negatives interleaved by source (each other
+    concept's test images, random_images)."""
+    pos = [(r, True) for r in dataset.concept(concept).test.images]
+    sources = [list(c.test.images) for n, c in dataset.concepts.items() if n != concept and c.test is not None]
+    sources.append(list(dataset.random_images))
+    neg = []
+    for k in range(max((len(s) for s in sources), default=0)):
+        neg += [(s[k], False) for s in sources if k < len(s)]
+    return pos + neg
+
+
+def gen_prompts(dataset: ConceptDataset, concept: str, leftover: list[str], use_eval_prompts: bool = True
+                ) -> list[str]:
+    """Pure Gen. prompts (with "<c>"): "A photo of <c>.", leftover t2i_conditions prompts, prompts_to_eval."""
+    info = dataset.concept(concept).info
+    out = [f"A photo of {info.token}."] + [p for p in leftover if info.token in p]
+    if use_eval_prompts:
+        out += [p.replace("<sks>", info.token) for p in dataset.eval_prompts.get(info.generation_type, [])]
+    return list(dict.fromkeys(out))
+
+
+# ------------------------------------------------------------------------------------------------ model calls
+def _answers(policy, questions: list[tuple[np.ndarray, str]], ecfg: EvalConfig) -> list[str]:
+    """Greedy answers to (image, question) pairs, batched."""
+    out: list[str] = []
+    cache: dict[int, torch.Tensor] = {}
+    for s in range(0, len(questions), ecfg.batch_size):
+        chunk = questions[s:s + ecfg.batch_size]
+        ids = []
+        for img, _ in chunk:
+            if id(img) not in cache:
+                cache[id(img)] = policy.vq.encode(img[None])[0]
+            ids.append(cache[id(img)])
+        mmu = build_mmu_inputs(policy.tok, torch.stack(ids), [q for _, q in chunk])
+        res = generate_answers(policy.model, policy.tok, mmu, max_new_tokens=ecfg.max_new_tokens, greedy=True)
+        out += [clean_ir(t) for t in res.texts]
+    return out
+
+
+def generate_images(policy, texts: list[str], seeds: list[int], sampler_cfg, max_text_len: int = 128,
+                    batch_size: int = 8) -> tuple[torch.Tensor, np.ndarray]:
+    """MaskGIT images of the Show-o prompts ``texts`` (concept already expanded), one seed each (rl.seeding
+    values): (code ids long [B, N] on CPU, uint8 [B, H, W, 3]). Batching does not change the results (D7)."""
+    sampler = MaskGITSampler(policy.model, policy.tok, sampler_cfg)
+    dev = policy.model.device
+    ids = []
+    for s in range(0, len(texts), batch_size):
+        t2i = build_t2i_inputs(policy.tok, texts[s:s + batch_size], policy.vq.num_tokens, max_text_len=max_text_len)
+        state = sampler.generate(t2i, [make_generator(x, device=dev) for x in seeds[s:s + batch_size]])
+        ids.append(state.final_ids.cpu())
+    ids = torch.cat(ids) if ids else torch.zeros(0, policy.vq.num_tokens, dtype=torch.long)
+    return ids, policy.vq.decode_uint8(ids.to(dev)) if len(ids) else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit: int | None) -> dict:
+    c = dataset.concept(name)
+    info, test = c.info, c.test
+    if test is None:
+        raise DatasetError(f"concept {name!r} has no test data: load the dataset with include_test=True")
+    tokens = ConceptPromptTokens.from_concept_tokens(policy.concepts[name], cfg.model.num_understanding_tokens,
+                                                     cfg.model.num_generation_tokens)
+    black = dataset.black()
+    loaded: dict[str, np.ndarray] = {}
+
+    def img(ref) -> np.ndarray:
+        return loaded.setdefault(str(ref.path), ref.load())
+
+    q = lambda text: f"{tokens.mmu_prefix()} {text}"  # noqa: E731  (visual / QA question, as training)
+    rec_all = rec_items(dataset, name)
+    rec = (_cap([x for x in rec_all if x[1]], ecfg.max_rec_positive, limit)
+           + _cap([x for x in rec_all if not x[1]], ecfg.max_rec_negative, limit))
+    by_name = {r.name: r for r in test.images}
+    vqa = _cap(list(test.vqa), ecfg.max_vqa, limit)
+    for qa in vqa:
+        if qa.image not in by_name:
+            raise DatasetError(f"{dataset.root}/concept/test/{name}/vqa.json: image {qa.image!r} is not a test image")
+    qa_items = _cap(list(test.text_only), ecfg.max_qa, limit)
+    rea_prompts, leftover = test_reasoning(dataset, name)
+    rea_prompts = _cap(rea_prompts, ecfg.max_rea, limit)
+    tasks = [UnderstandingTask(kind="text", concept=name, category=info.category, class_word=info.class_word,
+                               image=black, image_name=dataset.black_image.name, question=rp.prompt,
+                               reference=info.extra_info[rp.answer_index], gen_prompt=rp.prompt,
+                               candidates=list(info.extra_info), target_index=rp.answer_index) for rp in rea_prompts]
+    questions = ([(img(r), q(ecfg.rec_question.replace("<c>", info.token))) for r, _ in rec]
+                 + [(img(by_name[x.image]), q(x.query)) for x in vqa] + [(black, q(x.query)) for x in qa_items]
+                 + [(black, build_understanding_prompt(t, tokens)) for t in tasks])
+    answers = _answers(policy, questions, ecfg)
+    a_rec, a_vqa = answers[:len(rec)], answers[len(rec):len(rec) + len(vqa)]
+    a_qa = answers[len(rec) + len(vqa):len(rec) + len(vqa) + len(qa_items)]
+    a_rea = answers[len(answers) - len(tasks):]
+    items: dict[str, list] = {
+        "rec": [{"image": str(r.path.relative_to(dataset.root)), "expected": "yes" if y else "no", "answer": a,
+                 "correct": M.recognition_correct(a, y)} for (r, y), a in zip(rec, a_rec)],
+        "vqa": [{"image": x.image, "question": x.query, "reference": x.answer, "answer": a, "bleu": M.bleu(x.answer, a)}
+                for x, a in zip(vqa, a_vqa)],
+        "qa": [{"question": x.query, "reference": x.answer, "answer": a, "bleu": M.bleu(x.answer, a)}
+               for x, a in zip(qa_items, a_qa)],
+        "rea": [{"prompt": t.question, "reference": t.reference, "answer": a, "bleu": M.bleu(t.reference, a)}
+                for t, a in zip(tasks, a_rea)]}
+    recog = M.weighted_accuracy([it["correct"] for it in items["rec"] if it["expected"] == "yes"],
+                                [it["correct"] for it in items["rec"] if it["expected"] == "no"])
+    # ---- generation jobs: (kind, prompt index, Show-o text, CLIP-T text, judge text)
+    budget = text_budget(cfg.rollout.max_text_len)
+    jobs = [("pure", i, expand_concept(p, tokens), reward_prompt(p, tokens, info.class_word), p)
+            for i, p in enumerate(_cap(gen_prompts(dataset, name, leftover, ecfg.use_eval_prompts),
+                                       ecfg.max_gen_prompts, limit))]
+    for i, (t, a) in enumerate(zip(tasks, a_rea)):
+        explicit = f"{compound_fixed_part(t, tokens)} {t.reference}"
+        jobs.append(("rea", i, build_compound_prompt(t, a, tokens, policy.tok, budget=budget)[0],
+                     reward_prompt(explicit, tokens, info.class_word), reward_prompt(explicit, tokens, info.class_word)))
+    dense = [p for k, v in test.t2i_conditions.items() if "dense" in k.lower() for p in v]
+    if scorers.judge is not None:
+        jobs += [("dense", i, expand_concept(p, tokens) if info.token in p else p,
+                  reward_prompt(p, tokens, info.class_word), reward_prompt(p, tokens, info.class_word))
+                 for i, p in enumerate(_cap(dense, ecfg.max_gen_prompts, limit))]
+    flat = [(job, j) for job in jobs for j in range(ecfg.images_per_prompt)]
+    seeds = [sample_seed(ecfg.seed, 0, job[1], j, 0, f"eval/{name}/{job[0]}") for job, j in flat]
+    codes, images = generate_images(policy, [job[2] for job, _ in flat], seeds, cfg.sampler,
+                                    cfg.rollout.max_text_len, ecfg.batch_size)
+    gen = [{"kind": job[0], "prompt_index": job[1], "image_index": j, "seed": s, "prompt": job[2],
+            "clip_text": job[3]} for (job, j), s in zip(flat, seeds)]
+    kinds = np.array([g["kind"] for g in gen])
+    metrics: dict[str, Any] = {"rec": recog["weighted"], "vqa": M.mean_or_none(x["bleu"] for x in items["vqa"]),
+                               "qa": M.mean_or_none(x["bleu"] for x in items["qa"]),
+                               "rea": M.mean_or_none(x["bleu"] for x in items["rea"])}
+    notes: dict[str, str] = {}
+    if scorers.clip is not None and len(gen):
+        ci = scorers.clip.clip_image_scores(images, [name] * len(gen))
+        ct = scorers.clip.clip_text_scores(images, [g["clip_text"] for g in gen])
+        for g, a, b in zip(gen, ci, ct):
+            g.update(clip_i=float(a), clip_t=float(b))
+        for kind in ("pure", "rea"):
+            sel = kinds == kind
+            metrics[f"{kind}_gen_clip_i"] = float(ci[sel].mean()) if sel.any() else None
+            metrics[f"{kind}_gen_clip_t"] = float(ct[sel].mean()) if sel.any() else None
+    else:
+        notes["clip"] = "no CLIP scorer (eval.clip=false)" if scorers.clip is None else "no images"
+    metrics["face"] = None
+    if info.category == "human":
+        pure = [i for i, g in enumerate(gen) if g["kind"] == "pure"]
+        if scorers.fer is None or f"face/{name}" in scorers.notes:
+            notes["face"] = scorers.notes.get(f"face/{name}", "no face scorer (eval.face=false)")
+        elif pure:
+            found = [i for i, d in zip(pure, scorers.fer.detect(images[pure])) if d is not None]
+            metrics["face_detect_rate"] = len(found) / len(pure)
+            if found:
+                from rewards.base import ScoreBatch
+
+                sc = scorers.fer.score(ScoreBatch(images=images[found], concepts=[name] * len(found)))
+                metrics["face"] = float(np.mean(sc))
+            else:
+                notes["face"] = f"no face detected in the {len(pure)} Pure Gen. image(s)"
+    _judge(scorers.judge, tasks, a_rea, gen, images, metrics, notes, bool(dense))
+    metrics.update(rec_pos_acc=recog["pos_acc"], rec_neg_acc=recog["neg_acc"], rec_acc=recog["acc"])
+    counts = {"rec_pos": recog["n_pos"], "rec_neg": recog["n_neg"], "vqa": len(vqa), "qa": len(qa_items),
+              "rea": len(tasks), "images": len(gen)}
+    return {"category": info.category, "class_word": info.class_word, "metrics": metrics, "counts": counts,
+            "notes": notes, "items": {**items, "generation": gen}, "_images": images, "_codes": codes}
+
+
+def _judge(judge, tasks, answers, gen, images, metrics, notes, has_dense: bool) -> None:
+    metrics["dense_rea"] = metrics["dense_gen"] = None
+    if judge is None:
+        notes["judge"] = "not computed: no judge configured (eval.judge)"
+        return
+    scores = [check_judge_score(judge.answer_score(t.question, a, t.reference), judge.name, "answer_score")
+              for t, a in zip(tasks, answers)]
+    metrics["dense_rea"] = M.mean_or_none(scores)
+    kind = "dense" if has_dense else "rea"
+    per_image = []
+    for i, g in enumerate(gen):
+        if g["kind"] == kind:
+            segs = M.segment_prompt(g["clip_text"])
+            vals = [check_judge_score(v, judge.name, "segment_scores") for v in judge.segment_scores(images[i], segs)]
+            if len(vals) != len(segs):
+                raise ValueError(f"judge {judge.name!r}: segment_scores gave {len(vals)} scores for {len(segs)} segments")
+            g["judge"] = M.mean_or_none(vals)
+            per_image.append(g["judge"])
+    metrics["dense_gen"] = M.mean_or_none(per_image)
+    notes["dense_gen_prompts"] = "t2i_conditions dense lists" if has_dense else "Rea. Gen. explicit prompts"
+
+
+def evaluate_policy(cfg, policy, dataset: ConceptDataset, scorers: EvalScorers | None = None,
+                    limit: int | None = None, step: int | None = None, concepts: list[str] | None = None,
+                    keep_images: bool = True) -> dict:
+    """Evaluate ``policy`` on ``dataset`` (loaded with include_test=True). ``cfg``: TrainConfig-like (``model``
+    token counts, ``sampler``, ``rollout.max_text_len``, ``serve`` for the scorers, optional ``eval``);
+    ``scorers``: None = :func:`build_eval_scorers`; ``limit`` caps every per-concept list. Returns a JSON-able
+    dict (plus "_images" / "_codes" per concept when ``keep_images``): ``concepts`` → metrics / counts / items,
+    ``mean`` over concepts, ``not_computed`` notes, ``settings``."""
+    ecfg = _eval_cfg(cfg)
+    scorers = scorers if scorers is not None else build_eval_scorers(cfg, dataset, device=policy.model.device)
+    names = list(concepts or dataset.concepts)
+    was_training = policy.model.training
+    policy.model.eval()
+    t0 = time.perf_counter()
+    per: dict[str, dict] = {}
+    try:
+        with torch.no_grad():
+            for name in names:
+                t = time.perf_counter()
+                per[name] = _concept(cfg, ecfg, policy, dataset, scorers, name, limit)
+                per[name]["seconds"] = time.perf_counter() - t
+    finally:
+        policy.model.train(was_training)
+    if not keep_images:
+        for r in per.values():
+            r.pop("_images"), r.pop("_codes")
+    mean = M.aggregate({n: r["metrics"] for n, r in per.items()})
+    not_computed = {k: "no judge configured (eval.judge)" for k in M.JUDGED if scorers.judge is None}
+    return {"step": step, "judge": getattr(scorers.judge, "name", None), "concepts": per, "mean": mean,
+            "not_computed": not_computed, "seconds": time.perf_counter() - t0,
+            "settings": {"eval": to_dict(ecfg), "limit": limit, "sampler": to_dict(cfg.sampler),
+                         "max_text_len": cfg.rollout.max_text_len}}
+
+
+def flat_metrics(result: dict, prefix: str = "eval/") -> dict[str, float]:
+    """``{prefix+metric: mean, prefix+concept/metric: value}`` for the computed headline metrics (logging)."""
+    out = {f"{prefix}{k}": float(v) for k, v in result["mean"].items() if v is not None}
+    for name, r in result["concepts"].items():
+        out.update({f"{prefix}{name}/{k}": float(v) for k, v in r["metrics"].items() if v is not None})
+    out[f"{prefix}seconds"] = float(result["seconds"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def save_grid(path: Path, rows: list[tuple[str, list[tuple[np.ndarray, str]]]], cell: int = 128) -> Path:
+    """A PNG grid: one row per (label, [(image, caption)]), the label written in each caption."""
+    from PIL import Image, ImageDraw
+
+    cols = max((len(r[1]) for r in rows), default=1) or 1
+    cap = 28
+    grid = Image.new("RGB", (cols * cell, max(1, len(rows)) * (cell + cap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, cells) in enumerate(rows):
+        for c, (im, caption) in enumerate(cells):
+            x, y = c * cell, r * (cell + cap)
+            grid.paste(Image.fromarray(np.asarray(im, np.uint8)).resize((cell, cell), Image.NEAREST), (x, y))
+            draw.text((x + 2, y + cell + 1), f"{label} {caption}"[:cell // 6], fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def write_eval_outputs(result: dict, out_dir: str | Path, title: str = "UnifyBench++ evaluation") -> dict[str, Path]:
+    """results.json, results.md (the table) and grid.png (+ images/<concept>/*.png) into ``out_dir``."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, r in result["concepts"].items():
+        images = r.get("_images")
+        if images is None:
+            continue
+        cells = []
+        for g, im in zip(r["items"]["generation"], images):
+            f = out / "images" / name / f"{g['kind']}_{g['prompt_index']:03d}_{g['image_index']:02d}.png"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(f)
+            g["file"] = str(f.relative_to(out))
+            cells.append((im, f"{g['kind']}{g['prompt_index']}"))
+        rows.append((name, cells))
+    clean = {**result, "concepts": {n: {k: v for k, v in r.items() if not k.startswith("_")}
+                                    for n, r in result["concepts"].items()}}
+    (out / "results.json").write_text(json.dumps(clean, indent=2, default=float) + "\n")
+    cats = {n: r["category"] for n, r in result["concepts"].items()}
+    table = M.markdown_table({n: r["metrics"] for n, r in result["concepts"].items()}, result["mean"],
+                             result.get("judge"), cats)
+    step = "" if result.get("step") is None else f" (step {result['step']})"
+    (out / "results.md").write_text(f"# {title}{step}\n\n{table}")
+    paths = {"json": out / "results.json", "markdown": out / "results.md"}
+    if rows:
+        ecell = result.get("settings", {}).get("eval", {}).get("grid_cell", 128)
+        paths["grid"] = save_grid(out / "grid.png", rows, cell=int(ecell))
+    return paths
+
+
+class EvalRunner:
+    """The periodic held-out evaluation inside a rollout actor: test dataset and scorers built once."""
+
+    def __init__(self, cfg, policy, device: str | torch.device | None = None, dataset: ConceptDataset | None = None,
+                 scorers: EvalScorers | None = None):
+        from rl.data import load_concept_dataset
+
+        self.cfg, self.policy = cfg, policy
+        self.dataset = dataset or load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None,
+                                                       include_test=True)
+        self.scorers = scorers or build_eval_scorers(cfg, self.dataset, device=device)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        """Evaluate the current weights (capped by eval.train_limit); flat ``eval/*`` metrics."""
+        ecfg = _eval_cfg(self.cfg)
+        res = evaluate_policy(self.cfg, self.policy, self.dataset, self.scorers, limit=ecfg.train_limit, step=step)
+        if ecfg.write_during_training:
+            write_eval_outputs(res, Path(self.cfg.run_dir) / "eval" / f"step_{step:06d}")
+        return flat_metrics(res)
+
+
+def worker_evaluate(worker, step: int) -> dict[str, float]:
+    """``RolloutWorker.evaluate(step)``: an :class:`EvalRunner` over ``worker.cfg`` / ``worker.policy`` (cached on
+    the worker), run at ``step``."""
+    runner = getattr(worker, "_eval_runner", None)
+    if runner is None:
+        runner = worker._eval_runner = EvalRunner(worker.cfg, worker.policy, device=getattr(worker, "device", None))
+    return runner(step)
