@@ -1,0 +1,263 @@
+"""Bad input, enumerated: every case gets a clear error naming the problem, and nothing on disk is changed.
+
+One table drives the test; each case builds its own broken input in a temporary folder and states the exception
+type and a substring the message must contain (the key, file or field at fault).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from actors.checkpoint import CheckpointError, resolve_resume
+from actors.placement import PlacementConfig, PlacementError, RoleSpec, check_fits, plan_layout
+from backbone.build import ConceptSpec, ModelConfig, build_policy
+from backbone.checkpoint import load_showo_state_dict
+from backbone.concepts import load_concept_checkpoint
+from backbone.phi import ShowoPhi, ShowoPhiConfig
+from configs.loader import ConfigError
+from configs.schema import load_config
+from rewards.base import NonFiniteScoreError, ScoreBatch
+from rewards.ensemble import RewardEnsemble
+from rewards.registry import build_expert
+from rl.data import DatasetError, load_concept_dataset
+from rl.sample_data import write_sample_dataset
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad") / "sample"
+    write_sample_dataset(root, image_size=64, log=lambda *_: None)
+    return root
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _copy(sample: Path, tmp: Path) -> Path:
+    import shutil
+
+    dst = tmp / "data"
+    shutil.copytree(sample, dst)
+    return dst
+
+
+# -- the cases: (name, fn(sample, tmp) -> None, exception, message fragment) --------------------------------------
+def cfg_unknown_key(sample, tmp):
+    load_config("tiny_cpu", ["run.stepz=3"])
+
+
+def cfg_wrong_type(sample, tmp):
+    load_config("tiny_cpu", ["learner.num_ranks=two"])
+
+
+def cfg_bad_yaml(sample, tmp):
+    path = tmp / "bad.yaml"
+    path.write_text("run: [unclosed\n")
+    load_config(path)
+
+
+def cfg_not_a_mapping(sample, tmp):
+    path = tmp / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    load_config(path)
+
+
+def cfg_missing_file(sample, tmp):
+    load_config(tmp / "nope.yaml")
+
+
+def cfg_group_size_one(sample, tmp):
+    load_config("tiny_cpu", ["rollout.group_size=1"])
+
+
+def cfg_screen_after_end(sample, tmp):
+    load_config("tiny_cpu", ["dsog.screen_step=20", "sampler.timesteps=12"])
+
+
+def cfg_unknown_expert(sample, tmp):
+    load_config("tiny_cpu", ["serve.enabled=[tier, vibes]"])
+
+
+def layout_too_many_cpus(sample, tmp):
+    roles = [RoleSpec("learner", 4, 4.0, 0.0), RoleSpec("rollout", 3, 4.0, 0.0)]
+    check_fits(plan_layout(roles, PlacementConfig()), roles, "split", {"CPU": 2.0})
+
+
+def layout_too_many_gpus(sample, tmp):
+    roles = [RoleSpec("learner", 4, 1.0, 1.0), RoleSpec("rollout", 3, 1.0, 1.0)]
+    check_fits(plan_layout(roles, PlacementConfig()), roles, "split", {"CPU": 64.0, "GPU": 4.0})
+
+
+def resume_missing_checkpoint(sample, tmp):
+    resolve_resume(tmp, str(tmp / "checkpoints" / "step_000009"))
+
+
+def resume_half_written_checkpoint(sample, tmp):
+    half = tmp / "checkpoints" / "step_000004"
+    half.mkdir(parents=True)
+    (half / "state.json").write_text("{}")        # no COMPLETE marker: a write that died half-way
+    resolve_resume(tmp, str(half))
+
+
+def showo_weights_missing(sample, tmp):
+    build_policy(ModelConfig(preset="tiny", tokenizer_path="builtin:tiny", showo_path=str(tmp / "none.safetensors"),
+                             magvit_path=str(tmp / "none2")), [])
+
+
+def showo_weights_wrong_shape(sample, tmp):
+    from safetensors.torch import save_file
+
+    model = ShowoPhi(ShowoPhiConfig.tiny())
+    sd = {f"showo.{k}": v.clone() for k, v in model.state_dict().items()}
+    sd["showo.lm_head.bias"] = torch.zeros(7)
+    save_file(sd, str(tmp / "model.safetensors"))
+    load_showo_state_dict(ShowoPhi(ShowoPhiConfig.tiny()), tmp / "model.safetensors")
+
+
+def concept_checkpoint_wrong_shape(sample, tmp):
+    policy = build_policy(ModelConfig.tiny(), [ConceptSpec("bo", "dog")])
+    ct = policy.concepts["bo"]
+    hidden = policy.model.config.hidden_size
+    torch.save(torch.zeros(3, hidden), tmp / "epoch_5_embed.pt")
+    torch.save(torch.zeros(3, hidden), tmp / "epoch_5_lm_head_weight.pt")
+    torch.save(torch.zeros(3), tmp / "epoch_5_lm_head_bias.pt")
+    load_concept_checkpoint(policy.model, ct, tmp, epoch=5)
+
+
+def concept_checkpoint_missing(sample, tmp):
+    policy = build_policy(ModelConfig.tiny(), [ConceptSpec("bo", "dog")])
+    load_concept_checkpoint(policy.model, policy.concepts["bo"], tmp, epoch=15)
+
+
+def tokenizer_missing(sample, tmp):
+    build_policy(ModelConfig(preset="tiny", random_init=True, tokenizer_path=str(tmp / "phi-1_5")), [])
+
+
+def reward_weights_missing_der(sample, tmp):
+    build_expert("der", {"model_path": str(tmp / "dinov2-base")})
+
+
+def reward_weights_missing_fer(sample, tmp):
+    build_expert("fer", {"weights_path": str(tmp / "vggface2.pt")})
+
+
+def data_missing_info(sample, tmp):
+    root = _copy(sample, tmp)
+    (root / "concept" / "train" / "chelsea" / "info.json").unlink()
+    load_concept_dataset(root)
+
+
+def data_bad_json(sample, tmp):
+    root = _copy(sample, tmp)
+    (root / "concept" / "train" / "cuppa" / "info.json").write_text("{not json")
+    load_concept_dataset(root)
+
+
+def data_broken_image(sample, tmp):
+    root = _copy(sample, tmp)
+    img = next((root / "concept" / "train" / "astro").glob("*.png"))
+    img.write_bytes(img.read_bytes()[:100])
+    load_concept_dataset(root)
+
+
+def data_empty_image(sample, tmp):
+    root = _copy(sample, tmp)
+    img = next((root / "concept" / "train" / "astro").glob("*.png"))
+    img.write_bytes(b"")
+    load_concept_dataset(root)
+
+
+def data_huge_image(sample, tmp):
+    from rl.data import DataConfig
+
+    root = _copy(sample, tmp)
+    img = next((root / "concept" / "train" / "chelsea").glob("*.png"))
+    Image.new("RGB", (300, 300)).save(img)
+    load_concept_dataset(root, config=DataConfig(max_image_pixels=200 * 200))
+
+
+def data_unknown_concept(sample, tmp):
+    load_concept_dataset(sample, concepts=["nobody"])
+
+
+def data_missing_answer_item(sample, tmp):
+    root = _copy(sample, tmp)
+    path = root / "concept" / "train" / "cuppa" / "reasoning.json"
+    items = json.loads(path.read_text())
+    items[0]["answer_index"] = 99
+    path.write_text(json.dumps(items))
+    load_concept_dataset(root)
+
+
+def human_without_face(sample, tmp):
+    expert = build_expert("fer", "tiny")
+    noise = np.random.default_rng(0).integers(0, 255, (2, 160, 160, 3), dtype=np.uint8)
+    expert.add_reference("astro", list(noise), category="human")
+
+
+def expert_returns_nan(sample, tmp):
+    RewardEnsemble().combine({"tier": np.array([0.5], np.float32), "ber": np.array([np.nan], np.float32),
+                              "der": np.array([0.2], np.float32)}, ["animal"])
+
+
+def score_batch_wrong_dtype(sample, tmp):
+    ScoreBatch(images=np.zeros((2, 8, 8, 3), np.float32), texts=["a", "b"]).validate()
+
+
+def score_batch_empty(sample, tmp):
+    ScoreBatch(texts=[]).validate()
+
+
+CASES = [
+    ("config: unknown key", cfg_unknown_key, ConfigError, "run.stepz"),
+    ("config: wrong type", cfg_wrong_type, ConfigError, "learner.num_ranks"),
+    ("config: malformed YAML", cfg_bad_yaml, ConfigError, "bad.yaml"),
+    ("config: top level not a mapping", cfg_not_a_mapping, ConfigError, "list.yaml"),
+    ("config: missing file", cfg_missing_file, ConfigError, "nope.yaml"),
+    ("config: G < 2", cfg_group_size_one, ConfigError, "group_size"),
+    ("config: DSOG step after the last MaskGIT step", cfg_screen_after_end, ConfigError, "screen_step"),
+    ("config: unknown reward expert", cfg_unknown_expert, ConfigError, "serve.enabled"),
+    ("layout: more CPUs than the cluster", layout_too_many_cpus, PlacementError, "CPU"),
+    ("layout: more GPUs than the cluster", layout_too_many_gpus, PlacementError, "GPU"),
+    ("resume: missing checkpoint", resume_missing_checkpoint, CheckpointError, "step_000009"),
+    ("resume: half-written checkpoint", resume_half_written_checkpoint, CheckpointError, "COMPLETE"),
+    ("weights: Show-o file missing", showo_weights_missing, FileNotFoundError, "none.safetensors"),
+    ("weights: Show-o shape mismatch", showo_weights_wrong_shape, ValueError, "lm_head.bias"),
+    ("weights: concept checkpoint shape mismatch", concept_checkpoint_wrong_shape, ValueError, "epoch_5_embed.pt"),
+    ("weights: concept checkpoint missing", concept_checkpoint_missing, FileNotFoundError, "epoch_15"),
+    ("weights: tokenizer missing", tokenizer_missing, FileNotFoundError, "phi-1_5"),
+    ("weights: DINOv2 (DER) missing", reward_weights_missing_der, FileNotFoundError, "model_path"),
+    ("weights: FaceNet (FER) missing", reward_weights_missing_fer, FileNotFoundError, "weights_path"),
+    ("data: info.json missing", data_missing_info, DatasetError, "info.json"),
+    ("data: malformed JSON", data_bad_json, DatasetError, "info.json"),
+    ("data: broken image", data_broken_image, DatasetError, ".png"),
+    ("data: empty image", data_empty_image, DatasetError, ".png"),
+    ("data: huge image", data_huge_image, DatasetError, ".png"),
+    ("data: unknown concept", data_unknown_concept, DatasetError, "nobody"),
+    ("data: reasoning answer item missing", data_missing_answer_item, DatasetError, "reasoning.json"),
+    ("data: human concept without a face in its references", human_without_face, ValueError, "astro"),
+    ("rewards: expert returns NaN", expert_returns_nan, NonFiniteScoreError, "ber"),
+    ("rewards: images of the wrong dtype", score_batch_wrong_dtype, ValueError, "images"),
+    ("rewards: empty batch", score_batch_empty, ValueError, "empty"),
+]
+
+
+@pytest.mark.parametrize("name,fn,exc,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_rejected_clearly_and_nothing_on_disk_changes(sample, tmp_path, name, fn, exc, fragment):
+    before = _tree_digest(sample)
+    with pytest.raises(exc) as info:
+        fn(sample, tmp_path)
+    assert fragment.lower() in str(info.value).lower(), f"{name}: message {str(info.value)!r} lacks {fragment!r}"
+    assert _tree_digest(sample) == before, f"{name}: the shared sample dataset was modified"
