@@ -33,7 +33,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -41,14 +41,14 @@ import numpy as np
 import torch
 
 from backbone.concepts import RowDecayAdamW, restrict_grads_to_rows, save_concept_checkpoint
-from backbone.maskgit import MaskGITSampler, SamplerConfig
-from backbone.prompts import build_t2i_inputs
+from backbone.maskgit import SamplerConfig
 from backbone.tokenizer import ConceptTokens
 from rl import inject_data as D
 from rl import inject_init as I
+from rl.inject_data import Stage3Config
+from rl.inject_init import InitConfig
 from rl.seeding import make_generator, sample_seed
 from rl.tasks import ConceptPromptTokens
-from rewards.fer import FerConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,31 +85,6 @@ class StageConfig:
             raise ValueError(f"inject.{name}: lr and eps must be > 0, weight_decay >= 0")
         if self.t2i_weight < 0 or self.mmu_weight < 0 or self.t2i_weight + self.mmu_weight == 0:
             raise ValueError(f"inject.{name}: loss weights must be >= 0 and not both 0")
-
-
-@dataclass
-class Stage3Config:
-    """Stage-3 data: generated images and the steps whose predicted grids are compared with the final one."""
-
-    num_images: int = 8
-    """Images generated per concept from the t2i prompt (our choice; UniCTokens' count is not documented)."""
-    preview_steps: list[int] = field(default_factory=lambda: [10, 35])
-    """Steps (of ``reference_timesteps``) whose predicted grids are diffed against the final grid (UniCTokens)."""
-    reference_timesteps: int = 50
-    """T the preview steps refer to; they are scaled to ``sampler.timesteps``."""
-
-
-@dataclass
-class InitConfig:
-    """Initialisation of the concept rows (see ``rl/inject_init.py``)."""
-
-    kmeans_seed: int = 0
-    """random_state of sklearn KMeans for the understanding tokens (UniCTokens: 0)."""
-    noise_scale: float = 0.1
-    """Generation / stage-3 fallback init: mean(understanding rows) + noise_scale·std·N(0,1)."""
-    face: FerConfig | None = None
-    """FaceNet config (``rewards.fer.FerConfig``: weights_path, device, ...) for the generation-token face init of human concepts;
-    None = always the fallback init."""
 
 
 @dataclass
@@ -174,10 +149,15 @@ class StagePlan:
     """Row groups and losses of one stage for one concept."""
 
     stage: str
+    """Stage name."""
     trains: tuple[str, ...]
+    """Row groups trained."""
     exists: tuple[str, ...]
+    """Row groups that exist at this stage (active logit columns; saved)."""
     t2i_weight: float
+    """Weight of the t2i loss (0 unless the generation tokens train)."""
     mmu_weight: float
+    """Weight of the mmu loss."""
 
 
 def stage_plan(stage: str, cfg: InjectStagesConfig, counts: dict[str, int]) -> StagePlan:
@@ -221,13 +201,15 @@ class ConceptInjector:
         self.codes: dict[str, torch.Tensor] = {}
         self.mmu_items, refs = D.understanding_items(dataset, concept)
         self.t2i_keys = sorted(D.t2i_image_refs(dataset, concept))
-        self._encode({**refs, **D.t2i_image_refs(dataset, concept)})
+        self._encode(refs)
+        self._encode(D.t2i_image_refs(dataset, concept), flips=cfg.random_flip)
         self.stage3_keys: list[str] = []
         self.step = 0
 
     # ------------------------------------------------------------------------------------------- data
     @torch.no_grad()
-    def _encode(self, refs: dict, chunk: int = 16) -> None:
+    def _encode(self, refs: dict, flips: bool = False, chunk: int = 16) -> None:
+        """MAGVIT codes of ``refs`` into ``self.codes`` (and of their mirror images under ``key|flip``)."""
         keys = sorted(refs)
         for i in range(0, len(keys), chunk):
             ks = keys[i:i + chunk]
@@ -235,9 +217,9 @@ class ConceptInjector:
             codes = self.policy.vq.encode(imgs).cpu()
             for k, c in zip(ks, codes):
                 self.codes[k] = c
-            if self.cfg.random_flip:
-                flips = self.policy.vq.encode([np.ascontiguousarray(im[:, ::-1]) for im in imgs]).cpu()
-                for k, c in zip(ks, flips):
+            if flips:
+                mirrored = self.policy.vq.encode([np.ascontiguousarray(im[:, ::-1]) for im in imgs]).cpu()
+                for k, c in zip(ks, mirrored):
                     self.codes[k + "|flip"] = c
 
     def prompt_tokens(self, with_stage3: bool) -> ConceptPromptTokens:
@@ -297,25 +279,14 @@ class ConceptInjector:
     def make_stage3_data(self) -> dict[str, float]:
         """Generate, diff and register the stage-3 items (see module doc). Returns the changed fractions."""
         c3 = self.cfg.stage3_data
-        T = self.sampler_cfg.timesteps
-        steps = D.preview_steps(T, c3.preview_steps, c3.reference_timesteps)
-        prompt = f"A photo of {self.prompt_tokens(False).t2i_phrase()}."
-        t2i = build_t2i_inputs(self.tok, [prompt] * c3.num_images, self.policy.vq.num_tokens,
-                                 max_text_len=self.cfg.max_text_len)
         gens = [make_generator(sample_seed(self.seed, 0, 0, i, 0, f"inject/stage3/{self.concept}"),
                                device=self.model.device) for i in range(c3.num_images)]
-        was_training = self.model.training
-        self.model.eval()
-        _, grids, frac = D.diff_masked_grids(MaskGITSampler(self.model, self.tok, self.sampler_cfg), t2i, gens,
-                                             steps, self.codes[D.BLACK])
-        self.model.train(was_training)
-        self.stage3_keys = []
-        for s, grid in grids.items():
-            for i, row in enumerate(grid.cpu()):
-                key = f"stage3/step{s}/{i}"
-                self.codes[key] = row
-                self.stage3_keys.append(key)
-        return {f"stage3/changed_step{s}": float(f) for s, f in zip(sorted(grids), frac)}
+        prompt = f"A photo of {self.prompt_tokens(False).t2i_phrase()}."
+        grids, frac = D.stage3_diff_codes(self.model, self.tok, self.policy.vq.num_tokens, self.sampler_cfg, prompt,
+                                          gens, c3, self.codes[D.BLACK], self.cfg.max_text_len)
+        self.codes.update(grids)
+        self.stage3_keys = list(grids)
+        return frac
 
     # ------------------------------------------------------------------------------------------- training
     def stage_items(self, plan: StagePlan) -> list[D.MMUItem]:
@@ -413,27 +384,21 @@ class ConceptInjector:
 
     @torch.no_grad()
     def eval_loss(self, stage: str | None = None) -> dict[str, float]:
-        """The stage's loss parts over all its data, batch by batch with fixed masking seeds (eval mode)."""
+        """The stage's loss parts (unweighted means over its batches; fixed masking seed; eval mode)."""
         plan = stage_plan(stage, self.cfg, self.counts) if stage else self.plan
-        inactive = self.inactive(plan)
-        items = self.stage_items(plan)
-        was = self.model.training
+        inactive, items, was = self.inactive(plan), self.stage_items(plan), self.model.training
         self.model.eval()
-        sums: dict[str, list[float]] = {}
-        bs = self.cfg.mmu_batch_size
-        for i in range(0, len(items), bs):
-            _, p = self.batch_loss(StagePlan(plan.stage, plan.trains, plan.exists, 0.0, 1.0), items[i:i + bs], [],
-                                   None, inactive)
-            sums.setdefault("mmu", []).append(p["mmu"])
+        mmu_only, t2i_only = replace(plan, t2i_weight=0.0, mmu_weight=1.0), replace(plan, t2i_weight=1.0,
+                                                                                    mmu_weight=0.0)
+        bs, tbs = self.cfg.mmu_batch_size, self.cfg.t2i_batch_size
+        gen = make_generator(sample_seed(self.seed, 0, 0, 0, 0, f"inject/eval/{self.concept}"))
+        out = {"mmu": [self.batch_loss(mmu_only, items[i:i + bs], [], None, inactive)[1]["mmu"]
+                       for i in range(0, len(items), bs)]}
         if plan.t2i_weight > 0:
-            gen = make_generator(sample_seed(self.seed, 0, 0, 0, 0, f"inject/eval/{self.concept}"))
-            bs = self.cfg.t2i_batch_size
-            for i in range(0, len(self.t2i_keys), bs):
-                _, p = self.batch_loss(StagePlan(plan.stage, plan.trains, plan.exists, 1.0, 0.0), [],
-                                       self.t2i_keys[i:i + bs], gen, inactive)
-                sums.setdefault("t2i", []).append(p["t2i"])
+            out["t2i"] = [self.batch_loss(t2i_only, [], self.t2i_keys[i:i + tbs], gen, inactive)[1]["t2i"]
+                          for i in range(0, len(self.t2i_keys), tbs)]
         self.model.train(was)
-        return {k: float(np.mean(v)) for k, v in sums.items()}
+        return {k: float(np.mean(v)) for k, v in out.items()}
 
     def save(self, out_dir: str | os.PathLike, epoch: int | None = None) -> dict[str, Path]:
         """UniCTokens checkpoint of the rows that exist at this stage: ``<out_dir>/epoch_N_*.pt``."""

@@ -28,19 +28,20 @@ with only that concept's tokens added so far.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from backbone.maskgit import MaskGITSampler
 from backbone.prompts import MMU_TEMPLATE, build_t2i_inputs, mmu_attention_mask, t2i_attention_mask
 from rl.data import Concept, ConceptDataset, ImageRef
 
-__all__ = ["MMUItem", "understanding_items", "t2i_image_refs", "stage3_items", "MMUBatch", "T2IBatch",
-           "build_mmu_batch", "build_t2i_batch", "mmu_loss", "t2i_loss", "masked_logits", "preview_steps",
-           "diff_masked_grids", "BLACK", "REC_QUESTION", "REC_YES", "REC_NO"]
+__all__ = ["Stage3Config", "MMUItem", "understanding_items", "t2i_image_refs", "stage3_items", "MMUBatch",
+           "T2IBatch", "build_mmu_batch", "build_t2i_batch", "mmu_loss", "t2i_loss", "masked_logits", "preview_steps",
+           "diff_masked_grids", "stage3_diff_codes", "shuffled", "BLACK", "REC_QUESTION", "REC_YES", "REC_NO"]
 
 BLACK = "black"
 """Image key of the black placeholder."""
@@ -49,6 +50,18 @@ REC_YES = "Yes, {c} is in this photo."
 REC_NO = "No, {c} is not in this photo."
 PROFILE_QUESTION = "Describe {c}."
 FACTS_QUESTION = "What else do you know about {c}?"
+
+
+@dataclass
+class Stage3Config:
+    """Stage-3 data: generated images and the steps whose predicted grids are compared with the final one."""
+
+    num_images: int = 8
+    """Images generated per concept from the t2i prompt (our choice; UniCTokens' count is not documented)."""
+    preview_steps: list[int] = field(default_factory=lambda: [10, 35])
+    """Steps (of ``reference_timesteps``) whose predicted grids are diffed against the final grid (UniCTokens)."""
+    reference_timesteps: int = 50
+    """T the preview steps refer to; they are scaled to ``sampler.timesteps``."""
 
 
 @dataclass
@@ -248,6 +261,23 @@ def diff_masked_grids(sampler, t2i, generators: list, steps: Sequence[int], fill
         grids[s] = torch.where(changed, final, fill)
         frac.append(changed.float().mean())
     return final, grids, torch.stack(frac)
+
+
+def stage3_diff_codes(model, tok, num_image_tokens: int, sampler_cfg, prompt: str, generators: list,
+                      cfg: Stage3Config, fill: torch.Tensor, max_text_len: int = 128
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Stage-3 data: ``len(generators)`` images of ``prompt`` (eval mode, no grad); returns ({``stage3/step<s>/<i>``:
+    diff-masked code grid [N]} on CPU, {``stage3/changed_step<s>``: mean fraction of changed positions})."""
+    steps = preview_steps(sampler_cfg.timesteps, cfg.preview_steps, cfg.reference_timesteps)
+    t2i = build_t2i_inputs(tok, [prompt] * len(generators), num_image_tokens, max_text_len=max_text_len)
+    was = model.training
+    model.eval()
+    try:
+        _, grids, frac = diff_masked_grids(MaskGITSampler(model, tok, sampler_cfg), t2i, generators, steps, fill)
+    finally:
+        model.train(was)
+    codes = {f"stage3/step{s}/{i}": row for s, g in grids.items() for i, row in enumerate(g.cpu())}
+    return codes, {f"stage3/changed_step{s}": float(f) for s, f in zip(sorted(grids), frac)}
 
 
 def shuffled(n: int, seed: int) -> list[int]:

@@ -29,11 +29,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["InitRows", "read_rows", "write_rows", "kmeans_labels", "kmeans_token_init", "derived_token_init",
-           "face_token_init", "FACE_DIM"]
+from rewards.fer import FerConfig
+
+__all__ = ["InitConfig", "InitRows", "read_rows", "write_rows", "kmeans_labels", "kmeans_token_init",
+           "derived_token_init", "face_token_init", "facenet_mean_embedding", "FACE_DIM"]
 
 FACE_DIM = 512
 """Size of a FaceNet (InceptionResnetV1) embedding."""
+
+
+@dataclass
+class InitConfig:
+    """Initialisation of the concept rows (see ``rl/inject_init.py``)."""
+
+    kmeans_seed: int = 0
+    """random_state of sklearn KMeans for the understanding tokens (UniCTokens: 0)."""
+    noise_scale: float = 0.1
+    """Generation / stage-3 fallback init: mean(understanding rows) + noise_scale·std·N(0,1)."""
+    face: FerConfig | None = None
+    """FaceNet (``rewards.fer.FerConfig``: weights_path, device, ...) for the generation-token face init of human
+    concepts; None = always the fallback init."""
 
 
 @dataclass
@@ -139,6 +154,7 @@ def face_token_init(face_embedding: torch.Tensor, n: int, hidden: int, fallback:
                     lm_head_bias=fallback.lm_head_bias.clone())
 
 
+@torch.no_grad()
 def facenet_mean_embedding(fer_config, images: Sequence[np.ndarray]) -> torch.Tensor | None:
     """Mean FaceNet embedding ``[512]`` of the faces found in ``images`` (``rewards.fer.FerExpert`` built from
     ``fer_config``), or None when no face is found."""

@@ -133,6 +133,35 @@ def test_face_init_shape_and_scale():
     assert torch.equal(rows.lm_head_weight, fallback.lm_head_weight)
 
 
+def test_generation_tokens_face_init_for_humans_only(root, dataset):
+    cfg = _cfg(root)
+    policy = _policy(cfg, dataset)
+    seen = []
+    face = torch.nn.functional.normalize(torch.arange(1.0, 513.0), dim=0)
+
+    def embedder(images):
+        seen.append(len(images))
+        return face
+
+    m = cfg.model
+    counts = (m.num_understanding_tokens, m.num_generation_tokens, m.num_stage3_tokens)
+    human = ConceptInjector(policy, dataset, "astro", cfg.inject, counts, cfg.sampler, 0, face_embedder=embedder)
+    human.init_groups(("generation",))
+    gen = I.read_rows(policy.model, human.groups["generation"])
+    und = I.read_rows(policy.model, human.groups["understanding"])
+    ref = torch.nn.functional.interpolate(face.view(1, 8, 64), size=policy.model.config.hidden_size, mode="linear")[0]
+    assert torch.allclose(gen.embed / gen.embed.norm(dim=1, keepdim=True), ref / ref.norm(dim=1, keepdim=True),
+                          atol=1e-6)
+    assert torch.allclose(gen.embed.norm(dim=1), und.embed.norm(dim=1).mean().expand(8), rtol=1e-5)
+    assert seen == [len(dataset.concept("astro").train.images)] and "FaceNet" in human.init_notes["generation"]
+    animal = ConceptInjector(policy, dataset, CONCEPT, cfg.inject, counts, cfg.sampler, 0, face_embedder=embedder)
+    animal.init_groups(("generation", "stage3"))
+    assert len(seen) == 1 and animal.init_notes["generation"].startswith("understanding mean")
+    und = I.read_rows(policy.model, animal.groups["understanding"]).embed
+    g3 = I.read_rows(policy.model, animal.groups["generation"] + animal.groups["stage3"]).embed
+    assert torch.cdist(g3, und.mean(0, keepdim=True)).max() < torch.cdist(und, und.mean(0, keepdim=True)).max()
+
+
 def _train(inj, stage, epochs):
     inj.begin_stage(stage)
     before = inj.eval_loss()
