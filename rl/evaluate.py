@@ -280,19 +280,18 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
                 for t, a in zip(tasks, a_rea)]}
     recog = M.weighted_accuracy([it["correct"] for it in items["rec"] if it["expected"] == "yes"],
                                 [it["correct"] for it in items["rec"] if it["expected"] == "no"])
-    # ---- generation jobs: (kind, prompt index, Show-o text, CLIP-T text, judge text)
+    # ---- generation jobs: (kind, prompt index, Show-o text, CLIP-T / judge text)
     budget = text_budget(cfg.rollout.max_text_len)
-    jobs = [("pure", i, expand_concept(p, tokens), reward_prompt(p, tokens, info.class_word), p)
+    jobs = [("pure", i, expand_concept(p, tokens), reward_prompt(p, tokens, info.class_word))
             for i, p in enumerate(_cap(gen_prompts(dataset, name, leftover, ecfg.use_eval_prompts),
                                        ecfg.max_gen_prompts, limit))]
     for i, (t, a) in enumerate(zip(tasks, a_rea)):
-        explicit = f"{compound_fixed_part(t, tokens)} {t.reference}"
-        jobs.append(("rea", i, build_compound_prompt(t, a, tokens, policy.tok, budget=budget)[0],
-                     reward_prompt(explicit, tokens, info.class_word), reward_prompt(explicit, tokens, info.class_word)))
+        explicit = reward_prompt(f"{compound_fixed_part(t, tokens)} {t.reference}", tokens, info.class_word)
+        jobs.append(("rea", i, build_compound_prompt(t, a, tokens, policy.tok, budget=budget)[0], explicit))
     dense = [p for k, v in test.t2i_conditions.items() if "dense" in k.lower() for p in v]
     if scorers.judge is not None:
         jobs += [("dense", i, expand_concept(p, tokens) if info.token in p else p,
-                  reward_prompt(p, tokens, info.class_word), reward_prompt(p, tokens, info.class_word))
+                  reward_prompt(p, tokens, info.class_word))
                  for i, p in enumerate(_cap(dense, ecfg.max_gen_prompts, limit))]
     flat = [(job, j) for job in jobs for j in range(ecfg.images_per_prompt)]
     seeds = [sample_seed(ecfg.seed, 0, job[1], j, 0, f"eval/{name}/{job[0]}") for job, j in flat]
@@ -354,7 +353,8 @@ def _judge(judge, tasks, answers, gen, images, metrics, notes, has_dense: bool) 
             segs = M.segment_prompt(g["clip_text"])
             vals = [check_judge_score(v, judge.name, "segment_scores") for v in judge.segment_scores(images[i], segs)]
             if len(vals) != len(segs):
-                raise ValueError(f"judge {judge.name!r}: segment_scores gave {len(vals)} scores for {len(segs)} segments")
+                raise ValueError(f"judge {judge.name!r}: segment_scores gave {len(vals)} scores for {len(segs)} "
+                                 "segments")
             g["judge"] = M.mean_or_none(vals)
             per_image.append(g["judge"])
     metrics["dense_gen"] = M.mean_or_none(per_image)
