@@ -40,8 +40,8 @@ from backbone.phi import ShowoPhi, ShowoPhiConfig
 log = logging.getLogger(__name__)
 
 __all__ = ["MANIFEST_NAME", "EXPORT_EPOCH", "export_policy", "read_manifest", "export_model_config",
-           "load_exported_policy", "policy_skeleton", "load_policy", "resolve_checkpoint", "strip_concept_rows",
-           "DEEPSPEED_MODEL_FILE"]
+           "load_exported_policy", "policy_skeleton", "load_policy", "resolve_checkpoint", "latest_run_checkpoint",
+           "strip_concept_rows", "DEEPSPEED_MODEL_FILE"]
 
 MANIFEST_NAME = "unictask_export.json"
 """Manifest file of an export folder."""
@@ -266,6 +266,19 @@ def _load_deepspeed(ckpt: Path, cfg: ModelConfig, concepts, device) -> Policy:
     return policy
 
 
+def latest_run_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint ``<run>/checkpoints/latest`` names, else the newest complete ``step_N`` folder."""
+    root = Path(run_dir) / "checkpoints"
+    complete = lambda q: q.is_dir() and (q / "COMPLETE").is_file() and (q / "state.json").is_file()  # noqa: E731
+    if (root / "latest").is_file():
+        named = root / (root / "latest").read_text().strip()
+        if named.name and complete(named):
+            return named
+    ckpts = sorted(q for q in root.glob("step_*") if not q.name.endswith(".old") and complete(q)) \
+        if root.is_dir() else []
+    return ckpts[-1] if ckpts else None
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[str, Path]:
     """What ``path`` is: ("export", dir) | ("showo", safetensors file) | ("run_checkpoint", dir). A run folder
     resolves to its ``final/`` (if complete) else its latest complete checkpoint."""
@@ -279,10 +292,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[str, Path]:
             return "run_checkpoint", p
         if (p / "final").is_dir() and any((p / "final").glob("*.safetensors")):
             return resolve_checkpoint(p / "final")
-        ckpts = sorted(q for q in (p / "checkpoints").glob("step_*")
-                       if q.is_dir() and (q / "COMPLETE").exists()) if (p / "checkpoints").is_dir() else []
-        if ckpts:
-            return "run_checkpoint", ckpts[-1]
+        latest = latest_run_checkpoint(p)
+        if latest is not None:
+            return "run_checkpoint", latest
     return "showo", resolve_showo_file(p)
 
 

@@ -31,13 +31,14 @@ def checkpoint_config_file(checkpoint: str | os.PathLike | None) -> Path | None:
     p = Path(checkpoint).expanduser().resolve()
     if p.is_file():
         p = p.parent
+    from backbone.export import latest_run_checkpoint
+
     for run in (p, p.parent):
         if (run / "config.yaml").is_file():
             return run / "config.yaml"
-        ckpts = sorted(q for q in (run / "checkpoints").glob("step_*") if (q / "config.yaml").is_file()) \
-            if (run / "checkpoints").is_dir() else []
-        if ckpts:
-            return ckpts[-1] / "config.yaml"
+        latest = latest_run_checkpoint(run)
+        if latest is not None and (latest / "config.yaml").is_file():
+            return latest / "config.yaml"
     return None
 
 

@@ -160,6 +160,13 @@ def test_run_checkpoint_loads_and_launch_export_round_trips(env, tmp_path, capsy
 
     ckpt = _fake_run(env, tmp_path / "run")
     assert resolve_checkpoint(tmp_path / "run") == ("run_checkpoint", ckpt)
+    (ckpt.parent / "step_000009.old").mkdir()          # a leftover of a re-done step, and an incomplete write
+    (ckpt.parent / "step_000009.old" / "COMPLETE").write_text("ok\n")
+    (ckpt.parent / "step_000009.old" / "state.json").write_text("{}")
+    (ckpt.parent / "step_000010").mkdir()
+    assert resolve_checkpoint(tmp_path / "run") == ("run_checkpoint", ckpt)
+    (ckpt.parent / "latest").write_text("step_000004\n")
+    assert resolve_checkpoint(tmp_path / "run") == ("run_checkpoint", ckpt)
     assert _same_weights(load_policy(ckpt, env.cfg.model, env.specs), env.policy)
     # launch.export with no --config: the run's saved config.yaml gives the structure
     assert export_main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
