@@ -65,6 +65,8 @@ class GroupResult:
     """Seconds per phase: answer, image (MaskGIT), screen, reward."""
     dropped: list[str] = field(default_factory=list)
     """Optional reward experts dropped for this group (their weight renormalised away)."""
+    reward_failures: dict[str, int] = field(default_factory=dict)
+    """Failed reward-server attempts (retried or not) per expert while producing this group."""
 
 
 class RolloutEngine:
@@ -85,6 +87,10 @@ class RolloutEngine:
 
     def _rng(self, req: GroupRequest, stream: str) -> np.random.Generator:
         return np.random.default_rng(sample_seed(self.cfg.run.seed, req.step, req.prompt_index, -1, 0, stream))
+
+    def _failure_totals(self) -> dict[str, int]:
+        """Cumulative failed reward attempts of the scorer's backend (Serve client), per expert."""
+        return dict(getattr(getattr(self.scorer, "backend", None), "failure_totals", {}) or {})
 
     # -- phases --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,6 +178,7 @@ class RolloutEngine:
             self.policy.concepts[req.concept], num_understanding=mcfg.num_understanding_tokens,
             num_generation=mcfg.num_generation_tokens)
         result = GroupResult(request=req, samples=[])
+        failures_before = dict(self._failure_totals())
         t0 = time.perf_counter()
         task = sample_task(self.dataset, req.concept, self._rng(req, "task"), text_ratio=cfg.data.text_task_ratio)
         question = build_understanding_prompt(task, tokens)
@@ -212,5 +219,8 @@ class RolloutEngine:
                 rewards={name: float(v[i]) for name, v in per_expert.items()}, reward=float(total[i]),
                 advantage=0.0))
         result.dropped = list(dropped)
+        after = self._failure_totals()
+        result.reward_failures = {k: v - failures_before.get(k, 0) for k, v in after.items()
+                                  if v - failures_before.get(k, 0) > 0}
         result.timings.update(answer=t1 - t0, image=t2 - t1 - result.timings.get("screen", 0.0), reward=t3 - t2)
         return result

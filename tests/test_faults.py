@@ -1,0 +1,130 @@
+"""Faults on a real local Ray: a dead reward replica or rollout actor costs a retry, not the step; SIGTERM saves."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from actors.controller import Preempted, Trainer
+from actors.checkpoint import read_checkpoint
+from configs.schema import load_config
+from rl.sample_data import write_sample_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "sample"
+    write_sample_dataset(root, image_size=128, log=lambda *_: None)
+    return root
+
+
+def make_trainer(tmp_path, root, overrides=(), resume=None) -> Trainer:
+    cfg = load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={tmp_path}", "rollout.group_size=3",
+                                   "sampler.timesteps=8", "dsog.screen_step=3", "rollout.answer_max_new_tokens=8",
+                                   "run.image_grid_every=0", *overrides])
+    trainer = Trainer(cfg, resume=resume)
+    trainer.setup()
+    return trainer
+
+
+def _signature(results):
+    return [(r.request.prompt_index, [s.final_ids.tobytes() for s in r.samples], [s.reward for s in r.samples])
+            for r in results]
+
+
+def _kill_later(delay_s: float, find):
+    """Kill the actor returned by ``find()`` after ``delay_s`` seconds (in a thread); returns the thread."""
+    def run():
+        time.sleep(delay_s)
+        ray.kill(find(), no_restart=False)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _serve_replica(cfg, expert: str):
+    from actors.reward_serve import replicas
+
+    running = [r for r in replicas(cfg.serve, expert) if r["state"] == "RUNNING"]
+    assert running, f"no running replica of {expert}"
+    return ray.get_actor(running[0]["actor_name"], namespace="serve")
+
+
+def test_dead_reward_replica_and_dead_rollout_actor_cost_a_retry_not_the_step(ray_cluster, tmp_path, sample_root):
+    # DER requests wait up to 6 s in the replica for a batch to fill, so a kill lands while one is in flight
+    trainer = make_trainer(tmp_path, sample_root, ["rollout.num_workers=2", "run.prompts_per_step=2",
+                                                   "serve.der.retries=8", "serve.retry_backoff_s=1.0",
+                                                   "serve.der.batch_wait_timeout_s=6.0", "serve.der.max_batch_size=64"])
+    try:
+        requests = trainer.plan(0)
+        t0 = time.monotonic()
+        clean = trainer.dispatcher.run(requests)
+        assert sum(sum(r.reward_failures.values()) for r in clean) == 0
+        # when the reward calls start: the group's answer + image + screen phases
+        before_rewards = max(r.timings["answer"] + r.timings["image"] + r.timings.get("screen", 0) for r in clean)
+        assert time.monotonic() - t0 > before_rewards + 4.0      # the DER batch wait holds requests in flight
+
+        # a reward replica dies during the step: same rewards after the retry, the failure is counted
+        killer = _kill_later(before_rewards + 2.0, lambda: _serve_replica(trainer.cfg, "der"))
+        faulted = trainer.dispatcher.run(requests)
+        killer.join()
+        assert _signature(faulted) == _signature(clean)
+        assert sum(r.reward_failures.get("der", 0) for r in faulted) >= 1
+
+        # a rollout actor dies during the step: its group is re-dispatched to a replacement; by D7 the samples are
+        # the same, and every group comes back exactly once
+        before = trainer.dispatcher.redispatched
+        victim = trainer.workers[0]
+        killer = _kill_later(0.5, lambda: victim)
+        redone = trainer.dispatcher.run(requests)
+        killer.join()
+        assert trainer.dispatcher.redispatched == before + 1
+        assert [r.request.prompt_index for r in redone] == [0, 1]
+        assert _signature(redone) == _signature(clean)
+        assert trainer.workers[0] is not victim
+        # the replacement holds the learner's weights: the step still trains and syncs
+        metrics = trainer.train_step(0)
+        assert np.isfinite(metrics["learn/loss"])
+    finally:
+        trainer.shutdown()
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_continues(ray_cluster, tmp_path, sample_root):
+    trainer = make_trainer(tmp_path, sample_root, ["run.steps=4", "run.checkpoint_every=100"])
+    metrics_file = trainer.run_dir / "metrics.jsonl"
+
+    def preempt():
+        while not (metrics_file.exists() and metrics_file.read_text().strip()):
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=preempt, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(Preempted):
+            trainer.run()
+    finally:
+        trainer.shutdown()
+    thread.join()
+    latest = trainer.ckpt.latest()
+    assert latest is not None
+    state, _ = read_checkpoint(latest)
+    stopped_at = state["next_step"]
+    assert 1 <= stopped_at < 4
+    resumed = make_trainer(tmp_path, sample_root, ["run.steps=4", "run.checkpoint_every=100"], resume="auto")
+    try:
+        assert resumed.start_step == stopped_at
+        history = resumed.run()
+    finally:
+        resumed.shutdown()
+    assert [m["step"] for m in history] == list(range(stopped_at, 4))
+    lines = metrics_file.read_text().splitlines()
+    assert len(lines) == 4          # the resumed run appended exactly the missing steps
