@@ -58,7 +58,8 @@ class RolloutWorker:
         from actors.rollout_engine import RolloutEngine
         from actors.scoring import serve_scorer
         from actors.weight_sync import WeightReceiver
-        from backbone.build import ConceptSpec, build_policy
+        from actors.learner_step import concept_specs
+        from backbone.build import build_policy
         from configs.schema import config_from_dict
         from rl.data import load_concept_dataset
 
@@ -69,8 +70,7 @@ class RolloutWorker:
         self.index = worker_index
         self.device = _device(self.cfg.rollout.num_gpus)
         self.dataset = load_concept_dataset(self.cfg.data.root, concepts=self.cfg.data.concepts or None)
-        specs = [ConceptSpec(name, c.info.class_word) for name, c in sorted(self.dataset.concepts.items())]
-        self.policy = build_policy(self.cfg.model, specs, device=self.device)
+        self.policy = build_policy(self.cfg.model, concept_specs(self.dataset), device=self.device)
         self.policy.model.eval()
         self.engine = RolloutEngine(self.cfg, self.policy, self.dataset, serve_scorer(self.cfg),
                                     device=self.device)
@@ -84,6 +84,12 @@ class RolloutWorker:
         """Produce one group (see :meth:`RolloutEngine.generate_group`)."""
         return self.engine.generate_group(request)
 
+    def evaluate(self, step: int) -> dict:
+        """Held-out UnifyBench++ evaluation of the current weights (flat ``eval/*`` metrics)."""
+        from rl.evaluate import worker_evaluate
+
+        return worker_evaluate(self, step)
+
     def init_weight_sync(self, address: str, port: int, rank: int, world_size: int) -> None:
         """Join the learner→rollout broadcast group."""
         self.receiver.init_group(address, port, rank, world_size)
@@ -91,12 +97,6 @@ class RolloutWorker:
     def receive_weights(self) -> float:
         """Receive the learner's weights (blocks until rank 0 broadcasts); returns seconds spent."""
         return self.receiver.receive(self.policy.model)
-
-    def weights_checksum(self) -> list:
-        """Per-parameter checksums (for tests: bit-identity with the learner)."""
-        import torch
-
-        return [float(p.detach().double().sum()) for p in self.policy.model.parameters()]
 
     def state_dict(self) -> dict:
         """The policy's weights on CPU (for tests)."""

@@ -21,6 +21,7 @@ from backbone.maskgit import SamplerConfig
 from configs.loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from rl.data import DataConfig as ReaderConfig
 from rl.dsog import DSOGConfig
+from rl.evaluate import EvalConfig
 from rl.objective import ObjectiveConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -130,6 +131,8 @@ class TrainConfig:
     """Layout of learner and rollout actors (split or colocated placement groups)."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """Reward experts served on Ray Serve, with the ensemble weights."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation (``launch.evaluate`` and every ``run.eval_every`` steps during training)."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Joining or starting Ray."""
 

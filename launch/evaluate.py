@@ -12,7 +12,6 @@ evaluation settings (rl.evaluate.EvalConfig).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -43,11 +42,9 @@ def checkpoint_config_file(checkpoint: str | os.PathLike | None) -> Path | None:
 
 
 def load_cli_config(config: str | None, overrides: list[str], checkpoint: str | None = None):
-    """TrainConfig from ``config`` (else the checkpoint's saved config, else tiny_cpu) + overrides, with an ``eval``
-    attribute (EvalConfig) whether or not TrainConfig has that section yet."""
+    """TrainConfig from ``config`` (else the checkpoint's saved config, else tiny_cpu) + overrides."""
     from configs.loader import apply_overrides, from_dict, load_yaml
     from configs.schema import TrainConfig, resolve_config_path
-    from rl.evaluate import EvalConfig
 
     if config is not None:
         data = load_yaml(resolve_config_path(config))
@@ -57,12 +54,7 @@ def load_cli_config(config: str | None, overrides: list[str], checkpoint: str | 
         if saved:
             log.info("using the run's saved config %s", saved)
     data = apply_overrides(data, list(overrides))
-    has_eval = any(f.name == "eval" for f in dataclasses.fields(TrainConfig))
-    eval_data = {} if has_eval else (data.pop("eval", None) or {})
-    cfg = from_dict(TrainConfig, data)
-    if not has_eval:
-        cfg.eval = from_dict(EvalConfig, eval_data, prefix="eval")
-    return cfg
+    return from_dict(TrainConfig, data)
 
 
 def load_cli_policy(cfg, checkpoint: str | None, device: str = "cpu", dataset=None):

@@ -120,7 +120,7 @@ class EvalScorers:
 
 
 def _eval_cfg(cfg) -> EvalConfig:
-    ecfg = getattr(cfg, "eval", None) or EvalConfig()
+    ecfg = cfg.eval
     ecfg.validate()
     return ecfg
 
