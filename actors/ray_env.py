@@ -48,3 +48,10 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, in
         kwargs["_metrics_export_port"] = metrics_export_port
     log.info("starting a local Ray cluster on %s (dashboard: %s)", LOOPBACK, include_dashboard)
     return ray.init(**kwargs)
+
+
+def start_ray_from_config(rc):
+    """:func:`start_local_ray` with the fields of a ``configs.schema.RayConfig``."""
+    return start_local_ray(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
+                           dashboard_host=rc.dashboard_host, metrics_export_port=rc.metrics_export_port,
+                           address=rc.address)

@@ -121,14 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from actors.inject_worker import load_inject_config
-    from actors.ray_env import start_local_ray
+    from actors.ray_env import start_ray_from_config
     from launch.train import prepare
 
     cfg = load_inject_config(args.config, args.overrides)
     prepare(cfg)
-    rc = cfg.ray
-    start_local_ray(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
-                    dashboard_host=rc.dashboard_host, metrics_export_port=rc.metrics_export_port, address=rc.address)
+    start_ray_from_config(cfg.ray)
     summary = run_injection(cfg)
     log.info("injection finished in %.1fs; outputs in %s", summary["seconds"], cfg.run_dir)
     print("GRPO overrides: " + " ".join(summary["grpo_overrides"]))

@@ -51,15 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from actors.controller import Preempted, Trainer
-    from actors.ray_env import start_local_ray
+    from actors.ray_env import start_ray_from_config
     from configs.schema import load_config
 
     cfg = load_config(args.config, args.overrides)
     prepare(cfg)
-    rc = cfg.ray
-    start_local_ray(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
-                    dashboard_host=rc.dashboard_host, metrics_export_port=rc.metrics_export_port,
-                    address=rc.address)
+    start_ray_from_config(cfg.ray)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=args.resume)
     try:

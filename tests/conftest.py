@@ -26,3 +26,34 @@ def ray_cluster():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory):
+    """The bundled sample dataset at 128 px, written once per test session (read-only for tests)."""
+    from rl.sample_data import write_sample_dataset
+
+    root = tmp_path_factory.mktemp("data") / "sample"
+    write_sample_dataset(root, image_size=128, log=lambda *_: None)
+    return root
+
+
+TINY_TRAINER_OVERRIDES = ["rollout.group_size=3", "sampler.timesteps=8", "dsog.screen_step=3",
+                          "rollout.answer_max_new_tokens=8"]
+"""Shrinks the tiny CPU config further for service tests (G 3, T 8)."""
+
+
+@pytest.fixture
+def make_trainer():
+    """Factory: a set-up :class:`actors.controller.Trainer` on the tiny config (caller calls ``shutdown``)."""
+    from actors.controller import Trainer
+    from configs.schema import load_config
+
+    def build(out_dir, root, overrides=(), resume=None):
+        cfg = load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={out_dir}", *TINY_TRAINER_OVERRIDES,
+                                       *overrides])
+        trainer = Trainer(cfg, resume=resume)
+        trainer.setup()
+        return trainer
+
+    return build

@@ -10,28 +10,10 @@ import numpy as np
 import pytest
 import ray
 
-from actors.controller import Preempted, Trainer
+from actors.controller import Preempted
 from actors.checkpoint import read_checkpoint
-from configs.schema import load_config
-from rl.sample_data import write_sample_dataset
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sample_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "sample"
-    write_sample_dataset(root, image_size=128, log=lambda *_: None)
-    return root
-
-
-def make_trainer(tmp_path, root, overrides=(), resume=None) -> Trainer:
-    cfg = load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={tmp_path}", "rollout.group_size=3",
-                                   "sampler.timesteps=8", "dsog.screen_step=3", "rollout.answer_max_new_tokens=8",
-                                   "run.image_grid_every=0", *overrides])
-    trainer = Trainer(cfg, resume=resume)
-    trainer.setup()
-    return trainer
 
 
 def _signature(results):
@@ -58,7 +40,7 @@ def _serve_replica(cfg, expert: str):
     return ray.get_actor(running[0]["actor_name"], namespace="serve")
 
 
-def test_dead_reward_replica_and_dead_rollout_actor_cost_a_retry_not_the_step(ray_cluster, tmp_path, sample_root):
+def test_dead_reward_replica_and_dead_rollout_actor_cost_a_retry_not_the_step(ray_cluster, tmp_path, sample_root, make_trainer):
     # DER requests wait up to 6 s in the replica for a batch to fill, so a kill lands while one is in flight
     trainer = make_trainer(tmp_path, sample_root, ["rollout.num_workers=2", "run.prompts_per_step=2",
                                                    "serve.der.retries=8", "serve.retry_backoff_s=1.0",
@@ -97,7 +79,7 @@ def test_dead_reward_replica_and_dead_rollout_actor_cost_a_retry_not_the_step(ra
         trainer.shutdown()
 
 
-def test_sigterm_writes_a_checkpoint_and_resume_continues(ray_cluster, tmp_path, sample_root):
+def test_sigterm_writes_a_checkpoint_and_resume_continues(ray_cluster, tmp_path, sample_root, make_trainer):
     trainer = make_trainer(tmp_path, sample_root, ["run.steps=4", "run.checkpoint_every=100"])
     metrics_file = trainer.run_dir / "metrics.jsonl"
 

@@ -8,31 +8,13 @@ import pytest
 import ray
 from PIL import Image
 
-from actors.controller import Trainer
+
 from actors.rollout_engine import GroupRequest
-from configs.schema import load_config
-from rl.sample_data import write_sample_dataset
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def sample_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "sample"
-    write_sample_dataset(root, image_size=128, log=lambda *_: None)
-    return root
-
-
-def make_trainer(tmp_path, root, overrides=(), resume=None) -> Trainer:
-    cfg = load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={tmp_path}", "rollout.group_size=3",
-                                   "sampler.timesteps=8", "dsog.screen_step=3", "rollout.answer_max_new_tokens=8",
-                                   *overrides])
-    trainer = Trainer(cfg, resume=resume)
-    trainer.setup()
-    return trainer
-
-
-def test_run_through_every_role_writes_outputs_and_keeps_weights_in_sync(ray_cluster, tmp_path, sample_root):
+def test_run_through_every_role_writes_outputs_and_keeps_weights_in_sync(ray_cluster, tmp_path, sample_root, make_trainer):
     trainer = make_trainer(tmp_path, sample_root, ["run.steps=3", "run.checkpoint_every=2",
                                                    "run.image_grid_every=3", "run.prompts_per_step=2"])
     try:
@@ -74,7 +56,7 @@ def _solid_colour_dataset(src, dst, colour=(220, 30, 30)):
     return dst
 
 
-def test_it_learns_a_solid_colour_der_reward(ray_cluster, tmp_path, sample_root):
+def test_it_learns_a_solid_colour_der_reward(ray_cluster, tmp_path, sample_root, make_trainer):
     """DER (DINOv2 patch-mean features) toward a solid red reference; the policy learns to redden its images."""
     root = _solid_colour_dataset(sample_root, tmp_path / "solid")
     trainer = make_trainer(tmp_path, root, [
@@ -93,7 +75,7 @@ def test_it_learns_a_solid_colour_der_reward(ray_cluster, tmp_path, sample_root)
     assert last > first + 0.03, rewards
 
 
-def test_one_or_two_rollout_actors_give_the_same_samples_and_loss(ray_cluster, tmp_path, sample_root):
+def test_one_or_two_rollout_actors_give_the_same_samples_and_loss(ray_cluster, tmp_path, sample_root, make_trainer):
     common = ["run.steps=1", "run.checkpoint_every=100", "run.image_grid_every=0", "run.prompts_per_step=2"]
     outcomes = []
     for workers in (1, 2):
