@@ -6,15 +6,18 @@ learner group update (DeepSpeed) → weight sync to the rollout actors → metri
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
 
-from actors.checkpoint import CheckpointManager, config_changes, read_checkpoint, resolve_resume
+from actors.checkpoint import (RNG_FILE, CheckpointManager, config_changes, read_checkpoint, resolve_resume,
+                               rng_state, set_rng_state)
 from actors.dispatch import GroupDispatcher
 from actors.metrics import MetricsLogger
 from actors.rollout_engine import GroupRequest
@@ -31,7 +34,13 @@ class Preempted(Exception):
 
 
 class Trainer:
-    """Owns the actors of one run and the step loop."""
+    """Owns the actors of one run and the step loop.
+
+    ``resume``: None (start at step 0), "auto" (the run folder's latest complete checkpoint, if any) or a
+    checkpoint / run folder. Resume is exact: learner weights + optimizer (DeepSpeed checkpoint), DSOG state,
+    counters and RNG states are restored, and every random draw derives from (seed, step, prompt, sample,
+    attempt) (D7), so the data position is just the next step.
+    """
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
         self.cfg = cfg
@@ -39,15 +48,18 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
         self.resume_from = resolve_resume(self.run_dir, resume)
+        if resume == "auto" and self.resume_from is None:
+            log.info("--resume auto: no complete checkpoint in %s, starting at step 0", self.run_dir)
         self.dsog = DSOGController(cfg.dsog)
         self.start_step = 0
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard, run_name=cfg.run.name)
         self.history: list[dict] = []
         self._stop_requested = False
+        self._last_samples: list = []
 
     # -- set-up --------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Deploy reward servers, place and start learner and rollout actors, connect weight sync."""
+        """Deploy reward servers, place and start learner and rollout actors, restore a checkpoint, sync."""
         from actors.learner import LearnerGroup
         from actors.placement import RolePlacement
         from actors.reward_serve import deploy_rewards
@@ -75,8 +87,8 @@ class Trainer:
         log.info("%d rollout actors ready (%.1fs)", len(self.workers), time.perf_counter() - t0)
         self.dispatcher = GroupDispatcher(self.workers, replace_actor=self._replace_worker,
                                           timeout_s=cfg.rollout.group_timeout_s)
-        if self.resume_from is not None:
-            self._load(self.resume_from)
+        self._restore()
+        # only now (after _restore) do the rollout actors receive the learner's weights: restored ones on resume
         self.learners.connect_rollouts(self.workers)
         self.learners.sync_weights(self.workers)
         log.info("set-up done in %.1fs", time.perf_counter() - t0)
@@ -92,22 +104,47 @@ class Trainer:
         return worker
 
     # -- checkpoints ---------------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        """Load the resume checkpoint (if any) and align metrics.jsonl / TensorBoard with the start step."""
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        elif self.ckpt.latest() is not None:
+            log.warning("run folder %s already has checkpoints (latest %s); starting again at step 0 and "
+                        "replacing them. Pass --resume auto to continue instead.", self.run_dir,
+                        self.ckpt.latest().name)
+        self.metrics.start_at(self.start_step)
+
     def _load(self, path: Path) -> None:
+        """Restore learner (weights + optimizer), DSOG state, counters and RNG states; warn on config changes."""
         state, saved_cfg = read_checkpoint(path)
         changes = config_changes(saved_cfg, config_to_dict(self.cfg))
         if changes:
-            log.warning("resuming with a changed config (%d keys): %s", len(changes), "; ".join(changes[:10]))
+            log.warning("resuming from %s with a changed config (%d keys): %s", path, len(changes),
+                        "; ".join(changes[:10]) + (" ..." if len(changes) > 10 else ""))
+        data = state.get("data", {})
+        if data and (data.get("concepts") != self.concepts
+                     or data.get("prompts_per_step") != self.cfg.run.prompts_per_step):
+            log.warning("resuming with a different data order: concepts %s -> %s, prompts_per_step %s -> %s",
+                        data.get("concepts"), self.concepts, data.get("prompts_per_step"),
+                        self.cfg.run.prompts_per_step)
         self.learners.load_checkpoint(str(path / "learner"))
         self.dsog.load_state_dict(state["dsog"])
+        self.dispatcher.redispatched = int(state.get("counters", {}).get("redispatched_groups", 0))
+        if (path / RNG_FILE).exists():
+            set_rng_state(json.loads((path / RNG_FILE).read_text()))
         self.start_step = int(state["next_step"])
-        self.metrics.truncate_after(self.start_step - 1)
-        log.info("resumed from %s at step %d", path, self.start_step)
+        log.info("resumed from %s at step %d (saved by revision %s)", path, self.start_step,
+                 (path / "git_revision.txt").read_text().strip() if (path / "git_revision.txt").exists() else "?")
 
     def save_checkpoint(self, next_step: int) -> Path:
-        """Write an atomic checkpoint whose resume point is ``next_step``."""
+        """Write an atomic checkpoint whose resume point is ``next_step`` (see actors/checkpoint.py)."""
         tmp = self.ckpt.begin(next_step)
         self.learners.save_checkpoint(str(tmp / "learner"))
-        state = {"next_step": next_step, "dsog": self.dsog.state_dict(), "seed": self.cfg.run.seed}
+        (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
+        state = {"next_step": next_step, "seed": self.cfg.run.seed, "dsog": self.dsog.state_dict(),
+                 "data": {"concepts": list(getattr(self, "concepts", [])),
+                          "prompts_per_step": self.cfg.run.prompts_per_step},
+                 "counters": {"redispatched_groups": int(getattr(self.dispatcher, "redispatched", 0))}}
         final = self.ckpt.commit(tmp, next_step, state, config_to_dict(self.cfg))
         log.info("checkpoint written: %s", final)
         return final
@@ -122,9 +159,10 @@ class Trainer:
                 for p in range(n)]
 
     def train_step(self, step: int) -> dict:
-        """One GRPO step; returns its metrics."""
+        """One GRPO step; returns its metrics (see actors/step_metrics.py)."""
         t0 = time.perf_counter()
         requests = self.plan(step)
+        threshold_used = requests[0].threshold if requests else None
         results = self.dispatcher.run(requests)
         t_rollout = time.perf_counter() - t0
         for res in results:
@@ -142,19 +180,24 @@ class Trainer:
         scores = [x for res in results for x in res.attempt_scores]
         accepted = [x for res in results for x in res.attempt_accepted]
         if self.cfg.dsog.enabled and scores:
-            self.dsog.observe_batch(scores, accepted)
+            self.dsog.observe_batch(scores, accepted, forced=sum(r.forced_keeps for r in results))
         t1 = time.perf_counter()
         learn = self.learners.train_step(samples)
         t2 = time.perf_counter()
         sync_s = self.learners.sync_weights(self.workers)
         t3 = time.perf_counter()
         times = {"rollout": t_rollout, "learn": t2 - t1, "sync": t3 - t2, "step": t3 - t0}
-        metrics = step_metrics(step, results, samples, learn, self.dsog, times, self.dispatcher)
+        metrics = step_metrics(step, results, samples, learn, self.dsog, times, self.dispatcher,
+                               threshold_used=threshold_used)
         metrics["sync/seconds"] = float(sync_s)
         return metrics
 
     def run(self) -> list[dict]:
-        """The whole run: steps from the resume point to ``run.steps``, checkpoints, final save."""
+        """The whole run: steps from the resume point to ``run.steps`` under a progress bar (a metrics line per
+        ``run.log_every`` steps above it), pictures, checkpoints, the final export. SIGTERM finishes the current
+        step, writes a checkpoint and raises :class:`Preempted`."""
+        from tqdm import tqdm
+
         cfg = self.cfg
         previous = signal.getsignal(signal.SIGTERM)
 
@@ -166,31 +209,48 @@ class Trainer:
             signal.signal(signal.SIGTERM, on_sigterm)
         except ValueError:  # not the main thread
             previous = None
+        bar = tqdm(total=cfg.run.steps, initial=self.start_step, desc="GRPO", unit="step", file=sys.stdout,
+                   dynamic_ncols=True, disable=None)   # no bar when stdout is not a terminal (job logs)
         try:
-            from actors.pictures import save_image_grid, save_reward_curves
-
             for step in range(self.start_step, cfg.run.steps):
                 metrics = self.train_step(step)
                 self.history.append(metrics)
                 self.metrics.log(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/total']:.4f}", refresh=False)
                 if step % cfg.run.log_every == 0 or step == cfg.run.steps - 1:
-                    print(self.metrics.line(metrics), flush=True)
-                if cfg.run.image_grid_every and (step + 1) % cfg.run.image_grid_every == 0:
-                    save_image_grid(self.run_dir / "images" / f"step_{step + 1:06d}.png", self._last_samples)
-                    save_reward_curves(self.run_dir / "reward_curves.png", self.run_dir)
+                    tqdm.write(self.metrics.line(metrics), file=sys.stdout)
+                self._after_step(step, metrics)
                 done = step + 1
                 if self._stop_requested:
                     self.save_checkpoint(done)
                     raise Preempted(f"stopped by SIGTERM after step {step}; resume with --resume auto")
                 if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
                     self.save_checkpoint(done)
+            bar.close()
             self.learners.export_final(str(self.run_dir / "final"))
-            save_reward_curves(self.run_dir / "reward_curves.png", self.run_dir)
+            self._save_curves()
         finally:
+            bar.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             self.metrics.close()
         return self.history
+
+    def _after_step(self, step: int, metrics: dict) -> None:
+        """Per-step extras after logging: the image grid and reward curves every ``run.image_grid_every``."""
+        every = self.cfg.run.image_grid_every
+        if every and (step + 1) % every == 0:
+            from actors.pictures import save_image_grid
+
+            save_image_grid(self.run_dir / "images" / f"step_{step + 1:06d}.png", self._last_samples,
+                            title=f"{self.cfg.run.name} step {step} (reward {metrics['reward/total']:.4f})")
+            self._save_curves()
+
+    def _save_curves(self) -> None:
+        from actors.pictures import save_reward_curves
+
+        save_reward_curves(self.run_dir / "reward_curves.png", self.run_dir)
 
     def shutdown(self) -> None:
         """Stop actors and deployments started by this trainer."""
