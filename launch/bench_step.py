@@ -162,7 +162,7 @@ def role_of(title: str) -> str:
         if title.startswith(prefix):
             return role
     if title.startswith("ray::ServeReplica:"):
-        return "reward replica " + title.split(":")[-1].split()[0].replace("reward-", "")
+        return "reward replica " + title.split(":")[-1].split()[0].split(".")[0].replace("reward-", "")
     return "Ray system (GCS, raylet, agents, idle workers)"
 
 

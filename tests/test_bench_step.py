@@ -58,6 +58,7 @@ def test_role_of_ray_process_titles():
     assert bs.role_of("ray::RolloutWorker.generate_group") == "rollout actor"
     assert bs.role_of("ray::LearnerWorker") == "learner rank"
     assert bs.role_of("ray::ServeReplica:rewards-der:reward-der") == "reward replica der"
+    assert bs.role_of("ray::ServeReplica:rewards-fer:reward-fer.check_health") == "reward replica fer"
     assert bs.role_of("ray::ProxyActor") == "Serve controller + proxy"
     assert bs.role_of("/x/raylet --raylet_socket_name=/tmp/s").startswith("Ray system")
 
