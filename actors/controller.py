@@ -20,6 +20,7 @@ from actors.checkpoint import (RNG_FILE, CheckpointManager, config_changes, read
                                rng_state, set_rng_state)
 from actors.dispatch import GroupDispatcher
 from actors.metrics import MetricsLogger
+from actors.recovery import LEARNER_FAILURES, rebuild_learners
 from actors.rollout_engine import GroupRequest
 from actors.step_metrics import step_metrics
 from configs.schema import TrainConfig, config_to_dict
@@ -55,6 +56,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard, run_name=cfg.run.name)
         self.history: list[dict] = []
         self._stop_requested = False
+        self.learner_restarts = 0
+        """Times the learner group was rebuilt after a rank failure in this run."""
         self._last_samples: list = []
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -212,8 +215,16 @@ class Trainer:
         bar = tqdm(total=cfg.run.steps, initial=self.start_step, desc="GRPO", unit="step", file=sys.stdout,
                    dynamic_ncols=True, disable=None)   # no bar when stdout is not a terminal (job logs)
         try:
-            for step in range(self.start_step, cfg.run.steps):
-                metrics = self.train_step(step)
+            step = self.start_step
+            while step < cfg.run.steps:
+                try:
+                    metrics = self.train_step(step)
+                except LEARNER_FAILURES as exc:   # a dead/hung rank: rebuild the group from the last checkpoint
+                    step = rebuild_learners(self, exc)
+                    bar.n = step
+                    continue
+                if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+                    metrics.update(ray.get(self.workers[0].evaluate.remote(step + 1)))
                 self.history.append(metrics)
                 self.metrics.log(metrics)
                 bar.update(1)
@@ -227,6 +238,7 @@ class Trainer:
                     raise Preempted(f"stopped by SIGTERM after step {step}; resume with --resume auto")
                 if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
                     self.save_checkpoint(done)
+                step = done
             bar.close()
             self.learners.export_final(str(self.run_dir / "final"))
             self._save_curves()

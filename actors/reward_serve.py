@@ -262,6 +262,7 @@ def build_application(cfg: ServeConfig, expert: str, source: dict | None):
         health_check_period_s=ecfg.health_check_period_s,
         health_check_timeout_s=ecfg.health_check_timeout_s,
         graceful_shutdown_timeout_s=max(5.0, ecfg.timeout_s),
+        logging_config={"enable_access_log": False},   # per-call "CALL score OK" lines would flood job logs
     )
     if ecfg.autoscale:
         options["autoscaling_config"] = {

@@ -45,6 +45,7 @@ METRIC_DOCS: dict[str, str] = {
     "throughput/images_per_s": "Kept images per wall second of the step.",
     "faults/redispatched_groups": "Groups re-dispatched after a rollout actor failure (cumulative over the run).",
     "faults/dropped_experts": "Optional reward experts dropped this step (their weight renormalised away).",
+    "faults/reward_failures": "Failed reward-server attempts this step (retried or dropped), all experts.",
 }
 
 
@@ -99,6 +100,7 @@ def step_metrics(step: int, results: list, samples: list, learn: dict, dsog, tim
     m["throughput/images_per_s"] = len(samples) / max(times.get("step", 0.0), 1e-9)
     m["faults/redispatched_groups"] = float(getattr(dispatcher, "redispatched", 0))
     m["faults/dropped_experts"] = float(len({d for r in results for d in r.dropped}))
+    m["faults/reward_failures"] = float(sum(sum(r.reward_failures.values()) for r in results))
     return m
 
 

@@ -106,7 +106,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         obj = cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:   # incl. checks in __post_init__
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
     validate = getattr(obj, "validate", None)
     if callable(validate):

@@ -55,6 +55,9 @@ class RunConfig:
     """Print the metrics line every K steps."""
     tensorboard: bool = True
     """Also write metrics as TensorBoard event files in the run folder."""
+    max_learner_restarts: int = 3
+    """A dead or hung learner rank tears the learner group down and rebuilds it from the last checkpoint; after this
+    many rebuilds in one run the run stops with an error."""
 
     def validate(self) -> None:
         """Reject impossible values."""

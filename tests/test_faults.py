@@ -1,6 +1,7 @@
 """Faults on a real local Ray: a dead reward replica or rollout actor costs a retry, not the step; SIGTERM saves."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -17,8 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def _signature(results):
-    return [(r.request.prompt_index, [s.final_ids.tobytes() for s in r.samples], [s.reward for s in r.samples])
-            for r in results]
+    """Per group: prompt index, the samples' final image ids and rewards (rounded: a Serve batch that merges
+    requests from two actors may change scores in the last float bits)."""
+    return [(r.request.prompt_index, [s.final_ids.tobytes() for s in r.samples],
+             [round(s.reward, 5) for s in r.samples]) for r in results]
 
 
 def _kill_later(delay_s: float, find):
@@ -41,8 +44,10 @@ def _serve_replica(cfg, expert: str):
 
 
 def test_dead_reward_replica_and_dead_rollout_actor_cost_a_retry_not_the_step(ray_cluster, tmp_path, sample_root, make_trainer):
-    # DER requests wait up to 6 s in the replica for a batch to fill, so a kill lands while one is in flight
+    # DER requests wait up to 6 s in the replica for a batch to fill, so a kill lands while one is in flight; the
+    # screen (BER) scores each request alone so DSOG decisions cannot depend on how requests were batched
     trainer = make_trainer(tmp_path, sample_root, ["rollout.num_workers=2", "run.prompts_per_step=2",
+                                                   "serve.ber.max_batch_size=1",
                                                    "serve.der.retries=8", "serve.retry_backoff_s=1.0",
                                                    "serve.der.batch_wait_timeout_s=6.0", "serve.der.max_batch_size=64"])
     try:
@@ -110,3 +115,31 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(ray_cluster, tmp_path,
     assert [m["step"] for m in history] == list(range(stopped_at, 4))
     lines = metrics_file.read_text().splitlines()
     assert len(lines) == 4          # the resumed run appended exactly the missing steps
+
+
+def test_dead_learner_rank_rebuilds_the_group_from_the_last_checkpoint(ray_cluster, tmp_path, sample_root,
+                                                                       make_trainer, caplog):
+    trainer = make_trainer(tmp_path, sample_root, ["run.steps=3", "run.checkpoint_every=1"])
+    metrics_file = trainer.run_dir / "metrics.jsonl"
+
+    def kill_rank_after_first_step():
+        while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 1
+                   and trainer.ckpt.latest() is not None):
+            time.sleep(0.1)
+        ray.kill(trainer.learners.workers[1], no_restart=True)
+
+    thread = threading.Thread(target=kill_rank_after_first_step, daemon=True)
+    thread.start()
+    try:
+        with caplog.at_level("ERROR", logger="actors.recovery"):
+            history = trainer.run()
+        ranks = trainer.learners.state_dicts()
+    finally:
+        trainer.shutdown()
+    thread.join()
+    assert trainer.learner_restarts == 1
+    assert any("rebuilding it from" in r.getMessage() for r in caplog.records)
+    assert [m["step"] for m in history] == [0, 1, 2]
+    assert [json.loads(x)["step"] for x in metrics_file.read_text().splitlines()] == [0, 1, 2]
+    for key in ranks[0]:                      # the rebuilt ranks agree bit for bit
+        assert ranks[0][key].equal(ranks[1][key]), key
