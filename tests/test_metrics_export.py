@@ -53,7 +53,7 @@ def test_pictures_and_step_metrics(tmp_path):
     samples = _samples()
     results = [SimpleNamespace(samples=[s for s in samples if s.concept == c], attempt_scores=[0.1, 0.5, 0.9],
                                attempt_accepted=[False, True, True], forced_keeps=0, init_threshold=0.4,
-                               timings={"answer": 0.1, "image": 0.5, "screen": 0.1, "reward": 0.2}, dropped=[])
+                               timings={"answer": 0.1, "image": 0.5, "screen": 0.1, "reward": 0.2}, dropped=[], reward_failures={"der": 1})
                for c in ("astro", "chelsea")]
     dsog = SimpleNamespace(initialized=True, threshold=0.45)
     m = step_metrics(3, results, samples, {"loss": 0.1, "kl": 0.0, "logp_mismatch_image": 1e-7}, dsog,
@@ -64,6 +64,7 @@ def test_pictures_and_step_metrics(tmp_path):
                 "throughput/images_per_s"):
         assert np.isfinite(m[key]), key
     assert m["dsog/threshold"] == 0.4 and m["dsog/next_threshold"] == 0.45 and m["throughput/images"] == 6
+    assert m["faults/reward_failures"] == len(results)      # one failed DER attempt per group, summed
     assert all(metric_doc(k) for k in m) and all(d.isascii() for d in METRIC_DOCS.values())
     assert display_prompt(samples[0].prompt_text) == "A photo of <astro> .. . <astro> wears a red hat ? 0"
     grid = save_image_grid(tmp_path / "images" / "step_000003.png", samples, cell=64)
