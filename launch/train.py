@@ -54,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     from actors.ray_env import start_ray_from_config
     from configs.schema import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    prepare(cfg)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        prepare(cfg)
+    except (ValueError, FileNotFoundError) as exc:   # ConfigError, DatasetError, missing paths: no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     start_ray_from_config(cfg.ray)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=args.resume)

@@ -353,7 +353,10 @@ def preprocess_images(images: Sequence[np.ndarray] | np.ndarray, spec: ImageSpec
     std = torch.tensor(spec.std).view(3, 1, 1)
     out = []
     for img in images:
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)[None]
+        arr = np.ascontiguousarray(img)
+        if not arr.flags.writeable:   # arrays from the Ray object store are read-only views
+            arr = arr.copy()
+        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)[None]
         h, w = x.shape[-2:]
         if spec.resize is None:
             x = F.interpolate(x, size=(spec.size, spec.size), mode="bicubic", antialias=True, align_corners=False)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_run_through_every_role_writes_outputs_and_keeps_weights_in_sync(ray_cluster, tmp_path, sample_root, make_trainer):
-    trainer = make_trainer(tmp_path, sample_root, ["run.steps=3", "run.checkpoint_every=2",
+    trainer = make_trainer(tmp_path, sample_root, ["run.steps=3", "run.checkpoint_every=2", "run.eval_every=3",
                                                    "run.image_grid_every=3", "run.prompts_per_step=2"])
     try:
         history = trainer.run()
@@ -42,6 +42,8 @@ def test_run_through_every_role_writes_outputs_and_keeps_weights_in_sync(ray_clu
     assert (run / "checkpoints" / "step_000003" / "state.json").exists()
     assert (run / "reward_curves.png").exists() and (run / "images" / "step_000003.png").exists()
     assert any((run / "final").iterdir())
+    # the held-out evaluation ran at step 3 and its metrics joined that step's record
+    assert any(k.startswith("eval/") for k in records[2]) and not any(k.startswith("eval/") for k in records[0])
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
