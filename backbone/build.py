@@ -168,7 +168,8 @@ def build_tokenizer(cfg: ModelConfig, codebook_size: int) -> ShowoTokenizer:
     return ShowoTokenizer.from_pretrained(path, codebook_size=codebook_size)
 
 
-def _build_vq(cfg: ModelConfig, device: str | torch.device):
+def build_vq(cfg: ModelConfig, device: str | torch.device):
+    """MAGVIT-v2 of the preset: loaded from ``cfg.magvit_path``, or seeded random init when ``cfg.random_init``."""
     from backbone.magvit import MagvitConfig, load_magvit, random_magvit
 
     vq_cfg = MagvitConfig.tiny() if cfg.preset == "tiny" else MagvitConfig.real()
@@ -187,13 +188,13 @@ def build_policy(cfg: ModelConfig, concepts: list[ConceptSpec] | tuple = (), dev
     listing what is missing; never falls back to random weights unless ``cfg.random_init``."""
     cfg.validate()
     _check_sources(cfg)
-    specs = sorted((_as_spec(c) for c in concepts), key=lambda s: s.name)
+    specs = sorted((as_concept_spec(c) for c in concepts), key=lambda s: s.name)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate concept names: {names}")
     dtype = DTYPES[cfg.dtype]
 
-    vq = _build_vq(cfg, device)
+    vq = build_vq(cfg, device)
     tok = build_tokenizer(cfg, codebook_size=vq.codebook_size)
     phi_cfg = (ShowoPhiConfig.tiny(vocab_size=tok.vocab_size) if cfg.preset == "tiny"
                else ShowoPhiConfig.real(vocab_size=tok.vocab_size))
@@ -228,7 +229,8 @@ def build_policy(cfg: ModelConfig, concepts: list[ConceptSpec] | tuple = (), dev
     return Policy(model=model, tok=tok, concepts=added, vq=vq, phi_config=model.config, concept_source=source)
 
 
-def _as_spec(c) -> ConceptSpec:
+def as_concept_spec(c) -> ConceptSpec:
+    """A ConceptSpec from a ConceptSpec, a name, or a (name, class word) pair."""
     if isinstance(c, ConceptSpec):
         return c
     if isinstance(c, str):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from backbone.build import ConceptSpec, ModelConfig, Policy, _as_spec, _build_vq, build_policy, build_tokenizer
+from backbone.build import ConceptSpec, ModelConfig, Policy, as_concept_spec, build_vq, build_policy, build_tokenizer
 from backbone.checkpoint import PREFIX, load_showo_state_dict, resolve_showo_file, save_showo_state_dict
 from backbone.concepts import concept_checkpoint_files, save_concept_checkpoint
 from backbone.phi import ShowoPhi, ShowoPhiConfig
@@ -187,8 +187,8 @@ def policy_skeleton(cfg: ModelConfig, concepts, device: str | torch.device = "cp
     cfg.validate()
     if cfg.magvit_path is None and not cfg.random_init:
         raise ValueError("model.magvit_path is required (or model.random_init=true for a seeded random MAGVIT)")
-    specs = sorted((_as_spec(c) for c in concepts), key=lambda s: s.name)
-    vq = _build_vq(cfg, device)
+    specs = sorted((as_concept_spec(c) for c in concepts), key=lambda s: s.name)
+    vq = build_vq(cfg, device)
     tok = build_tokenizer(cfg, codebook_size=vq.codebook_size)
     added = {s.name: tok.add_concept(s.name, cfg.num_concept_tokens) for s in specs}
     phi_cfg = (ShowoPhiConfig.tiny(vocab_size=tok.vocab_size) if cfg.preset == "tiny"
@@ -318,7 +318,7 @@ def load_policy(checkpoint: str | os.PathLike | None, cfg: ModelConfig, concepts
     from backbone.magvit import MagvitConfig
 
     rows = _embed_rows(p)
-    specs = [_as_spec(c) for c in concepts]
+    specs = [as_concept_spec(c) for c in concepts]
     vq_cfg = MagvitConfig.tiny() if cfg.preset == "tiny" else MagvitConfig.real()
     tok = build_tokenizer(cfg, codebook_size=vq_cfg.codebook_size)
     base_vocab = tok.vocab_size

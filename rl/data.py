@@ -346,7 +346,8 @@ def _read_conversations(folder: Path, images: list[ImageRef]) -> dict[str, list[
     return out
 
 
-def _read_reasoning(folder: Path, info: ConceptInfo) -> list[ReasoningPrompt]:
+def read_reasoning(folder: Path, info: ConceptInfo) -> list[ReasoningPrompt]:
+    """``<folder>/reasoning.json`` ({prompt, answer_index | answer} items) checked against ``info.extra_info``."""
     path = folder / "reasoning.json"
     if not path.exists():
         return []
@@ -391,7 +392,7 @@ def _read_train(name: str, folder: Path, cfg: DataConfig) -> tuple[ConceptInfo, 
         raise DatasetError(f"{folder}: no training images ({'/'.join(IMAGE_EXTS)})")
     train = ConceptTrain(
         images=images, cropped=_images_in(folder / "cropped", cfg) or list(images),
-        conversations=_read_conversations(folder, images), reasoning=_read_reasoning(folder, info),
+        conversations=_read_conversations(folder, images), reasoning=read_reasoning(folder, info),
         positive_recognitions=_read_optional_qa(folder / "positive_recognitions.json"),
         random_recognitions=_read_optional_qa(folder / "random_recognitions.json"),
         negative_examples=_images_in(folder / "negative_example", cfg))

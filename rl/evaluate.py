@@ -166,9 +166,9 @@ def test_reasoning(dataset: ConceptDataset, concept: str) -> tuple[list[Reasonin
     prompts = list(c.test.t2i_conditions.get(T2I_DEFAULT_KEY, []))
     path = dataset.root / "concept" / "test" / concept / "reasoning.json"
     if path.exists():
-        from rl.data import _read_reasoning  # the training reader: same schema, same checks
+        from rl.data import read_reasoning  # the training reader: same schema, same checks
 
-        return _read_reasoning(path.parent, c.info), prompts
+        return read_reasoning(path.parent, c.info), prompts
     used = {rp.answer_index for rp in c.train.reasoning}
     held = [i for i in range(len(c.info.extra_info)) if i not in used]
     n = min(len(held), len(prompts))
