@@ -218,27 +218,10 @@ class Trainer:
             step = self.start_step
             while step < cfg.run.steps:
                 try:
-                    metrics = self.train_step(step)
+                    step = self._run_step(step, bar)
                 except LEARNER_FAILURES as exc:   # a dead/hung rank: rebuild the group from the last checkpoint
                     step = rebuild_learners(self, exc)
                     bar.n = step
-                    continue
-                if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-                    metrics.update(ray.get(self.workers[0].evaluate.remote(step + 1)))
-                self.history.append(metrics)
-                self.metrics.log(metrics)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/total']:.4f}", refresh=False)
-                if step % cfg.run.log_every == 0 or step == cfg.run.steps - 1:
-                    tqdm.write(self.metrics.line(metrics), file=sys.stdout)
-                self._after_step(step, metrics)
-                done = step + 1
-                if self._stop_requested:
-                    self.save_checkpoint(done)
-                    raise Preempted(f"stopped by SIGTERM after step {step}; resume with --resume auto")
-                if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
-                    self.save_checkpoint(done)
-                step = done
             bar.close()
             self.learners.export_final(str(self.run_dir / "final"))
             self._save_curves()
@@ -248,6 +231,30 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous)
             self.metrics.close()
         return self.history
+
+    def _run_step(self, step: int, bar) -> int:
+        """One step with its logging, pictures, evaluation and checkpoint; returns the next step. A learner failure
+        anywhere in here (update, sync, checkpoint) propagates to :meth:`run`, which rebuilds the group."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        metrics = self.train_step(step)
+        if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+            metrics.update(ray.get(self.workers[0].evaluate.remote(step + 1)))
+        self.history.append(metrics)
+        self.metrics.log(metrics)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward/total']:.4f}", refresh=False)
+        if step % cfg.run.log_every == 0 or step == cfg.run.steps - 1:
+            tqdm.write(self.metrics.line(metrics), file=sys.stdout)
+        self._after_step(step, metrics)
+        done = step + 1
+        if self._stop_requested:
+            self.save_checkpoint(done)
+            raise Preempted(f"stopped by SIGTERM after step {step}; resume with --resume auto")
+        if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
+            self.save_checkpoint(done)
+        return done
 
     def _after_step(self, step: int, metrics: dict) -> None:
         """Per-step extras after logging: the image grid and reward curves every ``run.image_grid_every``."""
