@@ -12,7 +12,7 @@ from collections import deque
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,10 @@ class GroupDispatcher:
         """Total requests re-dispatched after an actor failure (a metric)."""
 
     def run(self, requests: list, on_result: Callable[[object], None] | None = None) -> list:
-        """Produce every request's result, in request order. ``on_result`` sees each result as it arrives."""
+        """Produce every request's result, in request order. ``on_result`` sees each result as it arrives.
+
+        A dead or hung (``timeout_s``) actor's group is re-dispatched; an exception raised inside ``generate_group``
+        (e.g. a required reward expert that keeps failing) propagates with its cause."""
         queue = deque(enumerate(requests))
         results: dict[int, object] = {}
         tries = {i: 0 for i in range(len(requests))}
@@ -65,13 +68,13 @@ class GroupDispatcher:
                     log.warning("rollout actor %d failed on group %d (%s); re-dispatching", slot, idx,
                                 type(exc).__name__)
                     self.redispatched += 1
+                    if isinstance(exc, GetTimeoutError):   # hung, not dead: stop it before replacing it
+                        ray.kill(self.actors[slot], no_restart=True)
                     if self.replace_actor is not None:
                         self.actors[slot] = self.replace_actor(slot)
                     queue.appendleft((idx, requests[idx]))
                     idle.append(slot)
                     continue
-                except RayTaskError:
-                    raise
                 if idx not in results:
                     results[idx] = result
                     if on_result is not None:
