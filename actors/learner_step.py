@@ -317,8 +317,6 @@ class ShowoBackend:
 
 def concept_specs(dataset: Any) -> list:
     """ConceptSpec list of a ConceptDataset (name + class word)."""
-    if hasattr(dataset, "concept_specs"):
-        return list(dataset.concept_specs())
     from backbone.build import ConceptSpec
 
     return [ConceptSpec(c.info.name, c.info.class_word) for c in dataset.concepts.values()]

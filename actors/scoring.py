@@ -38,20 +38,7 @@ class LocalRewardBackend:
         """Per-expert scores (each on the rows its category weights), total, dropped (always empty here)."""
         from actors.reward_client import RewardResult
 
-        weights = self.ensemble.config.weights
-        per_expert = {}
-        for name in self.ensemble.config.experts:
-            expert = self.experts.get(name)
-            if expert is None:
-                continue
-            rows = [i for i, c in enumerate(categories) if weights.get(c, {}).get(name, 0) > 0]
-            if not rows:
-                continue
-            src = (expert_batches or {}).get(name, batch)
-            out = np.zeros(len(categories), dtype=np.float32)
-            out[rows] = expert.score(src if len(rows) == len(src) else src.select(rows))
-            per_expert[name] = out
-        ens = self.ensemble.combine(per_expert, categories)
+        ens = self.ensemble.score(self.experts, batch, categories, expert_batches)
         return RewardResult(per_expert=ens.per_expert, total=ens.total, weights=ens.weights, notes=ens.notes)
 
 

@@ -125,11 +125,14 @@ class RewardEnsemble:
             log.warning("reward ensemble: %s", note)
         return EnsembleResult(total=total.astype(np.float32), per_expert=scores, weights=eff, notes=notes)
 
-    def score(self, experts: Mapping[str, RewardExpert], batch: ScoreBatch, categories: list[str]
-              ) -> EnsembleResult:
+    def score(self, experts: Mapping[str, RewardExpert], batch: ScoreBatch, categories: list[str],
+              expert_batches: Mapping[str, ScoreBatch] | None = None) -> EnsembleResult:
         """Run each expert on the samples that weight it (e.g. FER on humans only), then :meth:`combine`.
 
-        Experts missing from ``experts`` count as unavailable (optional ones are renormalised away).
+        Experts missing from ``experts`` count as unavailable (optional ones are renormalised away); an expert
+        that weights no sample of this batch (e.g. CLIP kept only as the DSOG screen) is not run or reported.
+        ``expert_batches`` gives some experts their own batch of the same length (TIER scores the answer IR, the
+        image experts the generation prompt).
         """
         batch.validate()
         if len(categories) != len(batch):
@@ -137,8 +140,12 @@ class RewardEnsemble:
         per_expert: dict[str, np.ndarray] = {}
         for name, expert in experts.items():
             rows = [i for i, c in enumerate(categories) if self.config.weights.get(c, {}).get(name, 0) > 0]
+            if not rows:
+                continue
+            src = (expert_batches or {}).get(name, batch)
+            if len(src) != len(batch):
+                raise ValueError(f"ensemble: expert_batches[{name!r}] has {len(src)} samples, expected {len(batch)}")
             out = np.zeros(len(batch), dtype=np.float32)
-            if rows:
-                out[rows] = expert.score(batch if len(rows) == len(batch) else batch.select(rows))
+            out[rows] = expert.score(src if len(rows) == len(src) else src.select(rows))
             per_expert[name] = out
         return self.combine(per_expert, categories)
