@@ -7,7 +7,6 @@ values for the real 8×H100 job; ``configs/tiny_cpu.yaml`` overrides them for th
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,8 +184,3 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 def config_from_dict(data: dict) -> TrainConfig:
     """Rebuild a config saved with :func:`config_to_dict`."""
     return from_dict(TrainConfig, data)
-
-
-def replace(cfg, **changes):
-    """``dataclasses.replace`` re-exported for convenience."""
-    return dataclasses.replace(cfg, **changes)
