@@ -24,6 +24,7 @@ from actors.recovery import LEARNER_FAILURES, rebuild_learners
 from actors.rollout_engine import GroupRequest
 from actors.step_metrics import step_metrics
 from configs.schema import TrainConfig, config_to_dict
+from rl.data import load_dataset
 from rl.dsog import DSOGController
 from rl.objective import group_advantages
 
@@ -43,8 +44,10 @@ class Trainer:
     attempt) (D7), so the data position is just the next step.
     """
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, dataset=None):
         self.cfg = cfg
+        self.dataset = dataset
+        """The training dataset (loaded and checked by the driver before Ray starts; None = load in setup)."""
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
@@ -67,15 +70,15 @@ class Trainer:
         from actors.placement import RolePlacement
         from actors.reward_serve import deploy_rewards
         from actors.rollout import RolloutWorker
-        from rl.data import load_concept_dataset
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        self.dataset = load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None)
+        if self.dataset is None:
+            self.dataset = load_dataset(cfg.data)
         self.concepts = sorted(self.dataset.concepts)
         log.info("dataset %s: %d concepts (%s)", cfg.data.root, len(self.concepts), ", ".join(self.concepts))
         self.placement = RolePlacement(cfg)
-        deploy_rewards(cfg.serve, data_root=cfg.data.root)
+        deploy_rewards(cfg.serve, data_root=self.dataset)  # references read once here, with data.reader
         log.info("reward deployments ready (%.1fs)", time.perf_counter() - t0)
         self.learners = LearnerGroup(cfg, self.placement)
         cfg_dict = config_to_dict(cfg)

@@ -329,9 +329,9 @@ def make_showo_backend(cfg: Any, device: torch.device, concepts: list | None = N
     from backbone.build import build_policy
 
     if concepts is None:
-        from rl.data import load_concept_dataset
+        from rl.data import load_dataset
 
-        concepts = concept_specs(load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None))
+        concepts = concept_specs(load_dataset(cfg.data))
     policy = build_policy(cfg.model, concepts, device=device)
     return ShowoBackend(policy, cfg.objective, cfg.sampler.guidance_scale,
                         answer_temperature=cfg.rollout.answer_temperature, answer_top_k=cfg.rollout.answer_top_k,

@@ -43,7 +43,7 @@ def references_from_root(data_root: str) -> tuple[dict[str, list], dict[str, str
     from rl.data import load_concept_dataset
 
     dataset = load_concept_dataset(data_root)
-    refs = {name: [ref.load() for ref in c.train.images] for name, c in dataset.concepts.items()}
+    refs = {name: [ref.load() for ref in c.train.references] for name, c in dataset.concepts.items()}
     return refs, {name: c.info.category for name, c in dataset.concepts.items()}
 
 

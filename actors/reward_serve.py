@@ -296,7 +296,7 @@ def deploy_rewards(cfg, data_root=None, references=None, categories: dict[str, s
         raise ValueError("deploy_rewards: pass references or data_root, not both")
     if data_root is not None and hasattr(data_root, "concepts"):  # a loaded ConceptDataset
         dataset, data_root = data_root, None
-        references = {name: [ref.load() for ref in c.train.images] for name, c in dataset.concepts.items()}
+        references = {name: [ref.load() for ref in c.train.references] for name, c in dataset.concepts.items()}
         categories = {name: c.info.category for name, c in dataset.concepts.items()}
     gpus = ray.cluster_resources().get("GPU", 0.0)
     for expert in cfg.enabled:

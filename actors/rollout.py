@@ -61,7 +61,7 @@ class RolloutWorker:
         from actors.learner_step import concept_specs
         from backbone.build import build_policy
         from configs.schema import config_from_dict
-        from rl.data import load_concept_dataset
+        from rl.data import load_dataset
 
         import torch
 
@@ -69,7 +69,7 @@ class RolloutWorker:
         self.cfg = config_from_dict(cfg_dict)
         self.index = worker_index
         self.device = _device(self.cfg.rollout.num_gpus)
-        self.dataset = load_concept_dataset(self.cfg.data.root, concepts=self.cfg.data.concepts or None)
+        self.dataset = load_dataset(self.cfg.data)
         self.policy = build_policy(self.cfg.model, concept_specs(self.dataset), device=self.device)
         self.policy.model.eval()
         self.engine = RolloutEngine(self.cfg, self.policy, self.dataset, serve_scorer(self.cfg),

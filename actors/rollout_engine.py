@@ -180,7 +180,8 @@ class RolloutEngine:
         result = GroupResult(request=req, samples=[])
         failures_before = dict(self._failure_totals())
         t0 = time.perf_counter()
-        task = sample_task(self.dataset, req.concept, self._rng(req, "task"), text_ratio=cfg.data.text_task_ratio)
+        task = sample_task(self.dataset, req.concept, self._rng(req, "task"), text_ratio=cfg.data.text_task_ratio,
+                           style=cfg.data.prompt_style)
         question = build_understanding_prompt(task, tokens)
         mmu, answers = self._answers(req, task, question, g)
         t1 = time.perf_counter()
@@ -189,7 +190,7 @@ class RolloutEngine:
             cp, cut = build_compound_prompt(task, text, tokens, tok, budget=text_budget(cfg.rollout.max_text_len))
             prompts.append(cp)
             cuts.append(cut)
-        screen_texts = [reward_prompt(p, tokens, info.class_word) for p in prompts]
+        screen_texts = [reward_prompt(p, tokens, info.class_word, style=task.style) for p in prompts]
         finished, screen_scores, attempts = self._images_with_dsog(req, prompts, screen_texts, req.concept, result)
         t2i = self._t2i(prompts)
         t2 = time.perf_counter()

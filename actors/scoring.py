@@ -87,6 +87,6 @@ def local_scorer(cfg, dataset) -> RewardScorer:
             for cname, concept in dataset.concepts.items():
                 if name == "fer" and concept.info.category != "human":
                     continue
-                expert.add_reference(cname, [ref.load() for ref in concept.train.images])
+                expert.add_reference(cname, [ref.load() for ref in concept.train.references])
         experts[name] = expert
     return RewardScorer(LocalRewardBackend(experts, ensemble), cfg.dsog.scorer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from actors.learner import LearnerConfig
 from actors.placement import PlacementConfig
@@ -79,13 +80,20 @@ class DataConfig:
     """Concepts to train; empty = every concept in ``concepts_list.json``."""
     text_task_ratio: float = 0.5
     """Share of text-only reasoning tasks versus visual-instruct tasks (paper: 1:1)."""
+    prompt_style: Literal["released", "sft"] = "released"
+    """How understanding questions, compound prompts and reward texts are written (rl/tasks.py): "released" =
+    byte for byte the released GRPO code (sync_r1_grpo/grpo.py), the default so runs on the released data and
+    checkpoints see the paper's prompts; "sft" = the UniCTokens-SFT layout (the "<c> is <token_0..15>." prefix on
+    every question, CP = "A photo of <tokens> <c>. " + IR, reward text with <c> → class word)."""
     reader: ReaderConfig = field(default_factory=ReaderConfig)
-    """Checks applied while reading the dataset (image size limits, decoding every image up front)."""
+    """Checks applied wherever the dataset is read (image size limits, decoding every image up front, the
+    train / held-out split of t2i_conditions.json)."""
 
     def validate(self) -> None:
         """Reject impossible values."""
         if not 0.0 <= self.text_task_ratio <= 1.0:
             raise ValueError("data.text_task_ratio must be in [0, 1]")
+        self.reader.validate()
 
 
 @dataclass

@@ -256,10 +256,10 @@ def inprocess_group(cfg, device: str = "cpu") -> InProcess:
     from actors.rollout_engine import GroupRequest, RolloutEngine
     from actors.scoring import local_scorer
     from backbone.build import build_policy
-    from rl.data import load_concept_dataset
+    from rl.data import load_dataset
     from rl.objective import group_advantages
 
-    dataset = load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None)
+    dataset = load_dataset(cfg.data)
     policy = build_policy(cfg.model, concept_specs(dataset), device=device)
     policy.model.eval()
     scorer = RecordingScorer(local_scorer(cfg, dataset))

@@ -62,7 +62,7 @@ def load_cli_policy(cfg, checkpoint: str | None, device: str = "cpu", dataset=No
     the checkpoint is a self-describing export (then ``cfg.model`` is set to the export's model config)."""
     from backbone.build import ConceptSpec
     from backbone.export import load_policy, resolve_checkpoint
-    from rl.data import load_concept_dataset
+    from rl.data import load_dataset
 
     is_export = checkpoint is not None and resolve_checkpoint(checkpoint)[0] == "export"
     if is_export:  # token counts etc. as exported (prompts split the tokens by these counts)
@@ -70,7 +70,7 @@ def load_cli_policy(cfg, checkpoint: str | None, device: str = "cpu", dataset=No
 
         cfg.model = export_model_config(checkpoint)[0]
     if dataset is None and not is_export:
-        dataset = load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None)
+        dataset = load_dataset(cfg.data)
     specs = [] if dataset is None else [ConceptSpec(n, c.info.class_word) for n, c in sorted(dataset.concepts.items())]
     return load_policy(checkpoint, cfg.model, specs, device=device), dataset
 
@@ -93,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from launch.train import prepare
-    from rl.data import load_concept_dataset
+    from rl.data import load_dataset
     from rl.evaluate import evaluate_policy, write_eval_outputs
 
     cfg = load_cli_config(args.config, args.overrides, args.checkpoint)
     prepare(cfg)
     # the policy's concepts are the run's (cfg.data.concepts); --concepts only selects which are evaluated
-    dataset = load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None, include_test=True)
+    dataset = load_dataset(cfg.data, include_test=True)
     policy, _ = load_cli_policy(cfg, args.checkpoint, args.device, dataset=dataset)
     wanted = args.concepts.split(",") if args.concepts else list(dataset.concepts)
     unknown = sorted(set(wanted) - set(dataset.concepts))

@@ -32,8 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare(cfg) -> None:
-    """Make paths absolute and create the sample dataset when the config asks for it."""
+def prepare(cfg):
+    """Make paths absolute, create the sample dataset when the config asks for it, then load and check the dataset
+    (every file, every image) before Ray starts or the run folder exists; returns the loaded dataset."""
+    from rl.data import check_training_use, load_dataset
     from rl.sample_data import write_sample_dataset
 
     cfg.run.output_root = str(Path(cfg.run.output_root).expanduser().resolve())
@@ -44,6 +46,13 @@ def prepare(cfg) -> None:
                                     "or data.make_sample_if_missing=true")
         log.info("creating the sample dataset at %s", cfg.data.root)
         write_sample_dataset(cfg.data.root)
+    dataset = load_dataset(cfg.data)
+    check_training_use(dataset, cfg.data.text_task_ratio)
+    log.info("dataset %s: %s", cfg.data.root, ", ".join(
+        f"{n} ({c.info.category} by {c.info.category_source}; {len(c.train.references)} reference images, "
+        f"{len(c.train.reasoning)} reasoning prompts from {c.train.reasoning_source})"
+        for n, c in dataset.concepts.items()))
+    return dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        prepare(cfg)
+        dataset = prepare(cfg)
     except (ValueError, FileNotFoundError) as exc:   # ConfigError, DatasetError, missing paths: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     start_ray_from_config(cfg.ray)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, dataset=dataset)
     try:
         trainer.setup()
         trainer.run()

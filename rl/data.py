@@ -1,97 +1,54 @@
-"""Reader for the UniCTokens / UnifyBench++ concept dataset layout (typed records, strict errors).
+"""The concept dataset as the released UniCTokens / UnifyBench++ code ships and reads it (typed records, strict errors).
 
-Layout (``root/``)::
+Layout (``root/``) and how each part is read (file-level readers in :mod:`rl.data_files`)::
 
-    concepts_list.json                 ["bo", ...]
-    black_512x512.png                  image input of text-only tasks
-    random_images/*.png                optional easy negatives
-    prompts_to_eval.json               optional, eval only: {"object"|"live_subject": ["a <sks> ...", ...]}
+    concepts_list.json               ["bo", ...]; names: letters, digits, _ and - only
+    black_512x512.png                image input of text-only tasks
+    random_images/                   optional easy negatives (Rec.)
+    concept/train/train_images.json  {c: [file, ...]}: the reference images of the CLIP / face rewards and of
+                                     CLIP-I / face evaluation (released clip_eval.py, pdata.py); absent → every
+                                     training image
     concept/train/<c>/
-        *.png|jpg|...                  training images (at least one)
-        cropped/                       optional subject crops (fallback: the training images)
-        info.json                      {"class", "category": human|animal|object, "info", "extra_info": [...],
-                                        optional "generation_type", "conversation_type"}
-        conversations.json             {"<image file>": [{"query", "answer"}, ...]}
-        reasoning.json                 optional: [{"prompt": "... <c> ...", "answer_index": i} |
-                                                  {"prompt": ..., "answer": "<exact extra_info item>"}]
-        positive_recognitions.json     optional, same QA forms as below
-        random_recognitions.json       optional
-        negative_example/              optional hard negatives (+ score.json, ignored)
-    concept/test/<c>/                  EVALUATION ONLY (D14), read with include_test=True
-        *.png, vqa.json, text_only.json, t2i_conditions.json (list of prompts or
-        {"personalized_driven_generation": [...], ...})
+        *.png|jpg|jpeg               training photos; names containing "mask" are skipped (pdata.py)
+        cropped/                     subject crops (T2I injection); fallback: the training photos
+        info.json                    {"class", "info", "extra_info": [...], "conversation_type",
+                                      "generation_type"}; optional "category" (else derived, see
+                                      rl.data_files.derive_category)
+        conversations.json           {key: [{"query", "answer"}, ...]}: an image takes the first key that is a
+                                     substring of its path (grpo.py); needed for visual-instruct tasks
+        reasoning.json               OPTIONAL override of the training reasoning prompts:
+                                     [{"prompt", "answer_index" | "answer"}]
+        positive_recognitions.json, random_recognitions.json, negative_example/   optional (injection)
+    concept/test/<c>/
+        t2i_conditions.json          {"personalized_driven_generation": [...], ...} or a plain list. The FIRST
+                                     int((n+1)/2) prompts are the training reasoning prompts IP, paired by index
+                                     with extra_info (grpo.py); the rest are held out (Rea., Rea. Gen.)
+        *.png, vqa.json, text_only.json   evaluation only (optional when test_data/<c>.json exists)
+    test_data/<c>.json               evaluation items of gen_test_data.py, read as eval/eval_p_mmu.py reads them
 
-``reasoning.json`` is this service's schema for the training reasoning prompts IP and their answer items
-(UnifyBench++ pairs each training extra_info item with a reasoning prompt; ``answer_index`` is 0-based into
-``extra_info``). QA collections are accepted as a list of ``{"query", "answer"[, "image"]}`` or a dict
-``image -> list of {"query", "answer"}``. Every problem raises :class:`DatasetError` naming the file and
-field; broken images name the file and are never skipped.
+Training reads ``concept/train`` and only the training half of ``t2i_conditions.json``; the rest of ``concept/test``,
+``test_data`` and ``prompts_to_eval.json`` (a config field, ``eval.prompts_to_eval``) are read with
+``include_test=True`` only. Every problem raises :class:`DatasetError` naming the file and field; broken images
+name the file and are never skipped.
 """
 from __future__ import annotations
 
-import json
-import re
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-__all__ = ["DatasetError", "DataConfig", "ImageRef", "QA", "ReasoningPrompt", "ConceptInfo", "ConceptTrain",
-           "ConceptTest", "Concept", "ConceptDataset", "load_concept_dataset", "load_image", "CATEGORIES"]
+from rl.data_files import (CATEGORIES, T2I_DEFAULT_KEY, QA, DataConfig, DatasetError, ReasoningPrompt, TestItem,
+                           check_concept_name, derive_category, image_files, load_image, match_conversation_keys,
+                           read_json, read_t2i_conditions, read_test_items, read_train_images, split_reasoning)
 
-CATEGORIES = ("human", "animal", "object")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-T2I_DEFAULT_KEY = "personalized_driven_generation"
+log = logging.getLogger(__name__)
 
-
-class DatasetError(ValueError):
-    """A missing or malformed dataset file; the message names the file and field."""
-
-
-@dataclass
-class DataConfig:
-    """Dataset reader settings."""
-
-    max_image_pixels: int = 4096 * 4096
-    """Images with more pixels are rejected (wrong file / decompression bomb)."""
-    min_image_side: int = 8
-    """Images with a smaller side are rejected as empty."""
-    verify_images: bool = True
-    """Decode every image once at load time so a broken file fails early (images are then loaded lazily)."""
-
-    @classmethod
-    def tiny(cls) -> "DataConfig":
-        """Tiny setting (the sample data): same checks, smaller pixel cap."""
-        return cls(max_image_pixels=1024 * 1024)
-
-
-def load_image(path: Path, cfg: DataConfig | None = None) -> np.ndarray:
-    """Decode an image file to uint8 RGB [H, W, 3]; DatasetError naming the file if broken/empty/huge."""
-    cfg = cfg or DataConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: image file not found")
-    if path.stat().st_size == 0:
-        raise DatasetError(f"{path}: empty image file (0 bytes)")
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > cfg.max_image_pixels:
-                raise DatasetError(f"{path}: image is {w}x{h} = {w * h} pixels, above DataConfig.max_image_pixels"
-                                   f"={cfg.max_image_pixels}")
-            if min(w, h) < cfg.min_image_side:
-                raise DatasetError(f"{path}: image is {w}x{h}, smaller than DataConfig.min_image_side="
-                                   f"{cfg.min_image_side} (empty image?)")
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except DatasetError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise DatasetError(f"{path}: image too large ({e})") from e
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
-    return np.ascontiguousarray(arr)
+__all__ = ["DatasetError", "DataConfig", "ImageRef", "QA", "ReasoningPrompt", "TestItem", "ConceptInfo",
+           "ConceptTrain", "ConceptTest", "Concept", "ConceptDataset", "load_concept_dataset", "load_dataset",
+           "load_image", "read_reasoning", "check_training_use", "CATEGORIES", "T2I_DEFAULT_KEY"]
 
 
 @dataclass(frozen=True)
@@ -114,28 +71,6 @@ class ImageRef:
 
 
 @dataclass
-class QA:
-    """A question–answer pair (conversations, recognitions, VQA, text-only QA)."""
-
-    query: str
-    """Question; the concept appears as "<c>"."""
-    answer: str
-    """Reference answer."""
-    image: str | None = None
-    """Image key (file name) the pair belongs to, if any."""
-
-
-@dataclass
-class ReasoningPrompt:
-    """A training reasoning prompt IP and the extra_info item it asks for."""
-
-    prompt: str
-    """Generation-style prompt mentioning "<c>", e.g. "A photo of <c> at the beach."."""
-    answer_index: int
-    """0-based index of the matching item in ConceptInfo.extra_info."""
-
-
-@dataclass
 class ConceptInfo:
     """Profile from info.json."""
 
@@ -144,7 +79,7 @@ class ConceptInfo:
     class_word: str
     """Class word ("man", "cat", "cup"): replaces "<c>" in reward prompts (D8)."""
     category: str
-    """"human" | "animal" | "object" (explicit info.json field, D8)."""
+    """"human" | "animal" | "object": info.json's "category", else derived (:func:`rl.data_files.derive_category`)."""
     info: str
     """One-sentence profile, "<c> is ..."."""
     extra_info: list[str]
@@ -153,6 +88,9 @@ class ConceptInfo:
     """"object" | "live_subject" (key into prompts_to_eval.json); derived from category if absent."""
     conversation_type: str | None = None
     """UniCTokens' conversation_type, if given."""
+    category_source: str = "category"
+    """Which info.json field decided ``category`` ("category", "conversation_type/class", "conversation_type",
+    "generation_type")."""
 
     @property
     def token(self) -> str:
@@ -165,13 +103,18 @@ class ConceptTrain:
     """Training-side data of one concept (D14: the only side training reads)."""
 
     images: list[ImageRef]
-    """Training photos."""
+    """Training photos (every image of the concept folder except "mask" files)."""
     cropped: list[ImageRef]
     """Subject crops (= images when cropped/ is absent)."""
+    references: list[ImageRef]
+    """Reference images of the CLIP / face rewards and CLIP-I / face evaluation: train_images.json's list for the
+    concept, or every training photo when that file is absent."""
     conversations: dict[str, list[QA]]
-    """Image file name -> QA pairs about that image."""
+    """Image file name -> QA pairs about that image (images without a matching conversations.json key are absent)."""
     reasoning: list[ReasoningPrompt]
-    """Training reasoning prompts (empty when reasoning.json is absent)."""
+    """Training reasoning prompts: reasoning.json if present, else the training half of t2i_conditions.json."""
+    reasoning_source: str = "t2i_conditions"
+    """Where ``reasoning`` came from: "reasoning.json", "t2i_conditions" or "none"."""
     positive_recognitions: list[QA] = field(default_factory=list)
     """Positive recognition QA (not used by GRPO)."""
     random_recognitions: list[QA] = field(default_factory=list)
@@ -194,11 +137,18 @@ class ConceptTest:
     images: list[ImageRef]
     """Test photos."""
     vqa: list[QA]
-    """VQA pairs (image = file name)."""
+    """VQA pairs (image = file name) from vqa.json ([] when absent)."""
     text_only: list[QA]
-    """Text-only QA."""
+    """Text-only QA from text_only.json ([] when absent)."""
     t2i_conditions: dict[str, list[str]]
     """Knowledge-driven T2I prompts; list-form files land under "personalized_driven_generation"."""
+    held_out: list[ReasoningPrompt] = field(default_factory=list)
+    """Held-out reasoning prompts with their fact (Rea., Rea. Gen.): test/<c>/reasoning.json if present, else the
+    second part of t2i_conditions.json's personalized-driven prompts, index-paired with extra_info."""
+    unpaired: list[str] = field(default_factory=list)
+    """Held-out personalized-driven prompts past the end of extra_info (no fact to score against)."""
+    items: list[TestItem] | None = None
+    """test_data/<c>.json items (Rec. / VQA / QA / choice as eval_p_mmu.py); None when the file is absent."""
 
 
 @dataclass
@@ -230,8 +180,6 @@ class ConceptDataset:
     """The black placeholder (image input of text-only tasks)."""
     random_images: list[ImageRef] = field(default_factory=list)
     """Easy negatives."""
-    eval_prompts: dict[str, list[str]] = field(default_factory=dict)
-    """prompts_to_eval.json (include_test=True only)."""
 
     def concept(self, name: str) -> Concept:
         """The concept named ``name`` (DatasetError if it was not loaded)."""
@@ -245,17 +193,6 @@ class ConceptDataset:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise DatasetError(f"{path}: required file is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text ({e})") from e
-
-
 def _str(obj: dict, key: str, path: Path, where: str = "", required: bool = True) -> str | None:
     if key not in obj or obj[key] is None:
         if required:
@@ -267,16 +204,8 @@ def _str(obj: dict, key: str, path: Path, where: str = "", required: bool = True
     return v.strip()
 
 
-def _natural_key(p: Path) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name))
-
-
-def _images_in(folder: Path, cfg: DataConfig) -> list[ImageRef]:
-    if not folder.is_dir():
-        return []
-    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS),
-                   key=_natural_key)
-    refs = [ImageRef(p.resolve(), cfg.max_image_pixels) for p in files]
+def _refs(paths: list[Path], cfg: DataConfig) -> list[ImageRef]:
+    refs = [ImageRef(p.resolve(), cfg.max_image_pixels) for p in paths]
     if cfg.verify_images:
         for r in refs:
             load_image(r.path, cfg)
@@ -303,16 +232,18 @@ def _qa_collection(data: Any, path: Path) -> list[QA]:
     return _qa_list(data, path, "top level")
 
 
+def _read_optional_qa(path: Path) -> list[QA]:
+    return _qa_collection(read_json(path), path) if path.exists() else []
+
+
 # ------------------------------------------------------------------------------------------ readers
 def _read_info(name: str, folder: Path) -> ConceptInfo:
     path = folder / "info.json"
-    d = _read_json(path)
+    d = read_json(path)
     if not isinstance(d, dict):
-        raise DatasetError(f"{path}: expected a JSON object")
-    category = _str(d, "category", path)
-    if category not in CATEGORIES:
-        raise DatasetError(f"{path}: field 'category' must be one of {CATEGORIES}, got {category!r}")
-    extra = d.get("extra_info")
+        raise DatasetError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    category, source = derive_category(d, path)
+    extra = d.get("extra_info", [])
     if not isinstance(extra, list) or not all(isinstance(x, str) and x.strip() for x in extra):
         raise DatasetError(f"{path}: field 'extra_info' must be a list of non-empty strings")
     extra = [x.strip() for x in extra]
@@ -323,35 +254,33 @@ def _read_info(name: str, folder: Path) -> ConceptInfo:
                                                                  else "live_subject")
     return ConceptInfo(name=name, class_word=_str(d, "class", path), category=category,
                        info=_str(d, "info", path), extra_info=extra, generation_type=gen,
-                       conversation_type=_str(d, "conversation_type", path, required=False))
+                       conversation_type=_str(d, "conversation_type", path, required=False), category_source=source)
 
 
-def _read_conversations(folder: Path, images: list[ImageRef]) -> dict[str, list[QA]]:
+def _read_conversations(root: Path, folder: Path, images: list[ImageRef]) -> dict[str, list[QA]]:
+    """Image file name -> QA list; keys matched to images as the released grpo.py does (substring of the path)."""
     path = folder / "conversations.json"
-    d = _read_json(path)
+    d = read_json(path, required=False)
+    if d is None:
+        return {}
     if not isinstance(d, dict):
-        raise DatasetError(f"{path}: expected an object mapping image file name -> list of QA")
-    by_name = {r.name: r.name for r in images}
-    by_stem = {r.path.stem: r.name for r in images}
-    out: dict[str, list[QA]] = {}
-    for key, items in d.items():
-        base = Path(str(key)).name
-        img = by_name.get(base) or by_stem.get(base) or by_stem.get(Path(base).stem)
-        if img is None:
-            raise DatasetError(f"{path}: key {key!r} matches no training image in {folder} "
-                               f"(have {sorted(by_name)})")
-        out.setdefault(img, []).extend(_qa_list(items, path, f"[{key!r}]", image=img))
-    if not any(out.values()):
-        raise DatasetError(f"{path}: no question-answer pairs")
+        raise DatasetError(f"{path}: expected an object mapping an image key -> list of QA, got {type(d).__name__}")
+    qa = {str(k): _qa_list(v, path, f"[{k!r}]") for k, v in d.items()}
+    rel = {str(r.path.relative_to(root)): r.name for r in images}
+    matched, unused = match_conversation_keys(list(qa), list(rel))
+    if unused:
+        log.warning("%s: %d key(s) match no training image and are unused: %s", path, len(unused), unused[:5])
+    out = {rel[p]: [QA(x.query, x.answer, rel[p]) for x in qa[k]] for p, k in matched.items() if qa[k]}
     return out
 
 
-def read_reasoning(folder: Path, info: ConceptInfo) -> list[ReasoningPrompt]:
-    """``<folder>/reasoning.json`` ({prompt, answer_index | answer} items) checked against ``info.extra_info``."""
+def read_reasoning(folder: Path, info: ConceptInfo) -> list[ReasoningPrompt] | None:
+    """``<folder>/reasoning.json`` ({prompt, answer_index | answer} items) checked against ``info.extra_info``;
+    None when the file is absent (the optional override of the t2i_conditions pairing)."""
     path = folder / "reasoning.json"
     if not path.exists():
-        return []
-    d = _read_json(path)
+        return None
+    d = read_json(path)
     if not isinstance(d, list):
         raise DatasetError(f"{path}: expected a list of {{'prompt', 'answer_index'|'answer'}} objects")
     out = []
@@ -379,78 +308,132 @@ def read_reasoning(folder: Path, info: ConceptInfo) -> list[ReasoningPrompt]:
     return out
 
 
-def _read_optional_qa(path: Path) -> list[QA]:
-    return _qa_collection(_read_json(path), path) if path.exists() else []
+def _personalized_split(root: Path, info: ConceptInfo, cfg: DataConfig
+                        ) -> tuple[list[ReasoningPrompt], list[ReasoningPrompt], list[str], dict[str, list[str]]]:
+    path = root / "concept" / "test" / info.name / "t2i_conditions.json"
+    t2i = read_t2i_conditions(path, required=False)
+    prompts = t2i.get(T2I_DEFAULT_KEY, [])
+    train, held, unpaired = split_reasoning(prompts, info.extra_info, cfg.reasoning_train_fraction)
+    for rp in train:
+        if info.token not in rp.prompt:
+            raise DatasetError(f"{path}: field '{T2I_DEFAULT_KEY}'[{prompts.index(rp.prompt)}] is a training "
+                               f"reasoning prompt and must mention {info.token}: {rp.prompt!r}")
+    return train, held, unpaired, t2i
 
 
-def _read_train(name: str, folder: Path, cfg: DataConfig) -> tuple[ConceptInfo, ConceptTrain]:
+def _read_train(root: Path, name: str, cfg: DataConfig, train_images: dict[str, list[str]] | None
+                ) -> tuple[ConceptInfo, ConceptTrain]:
+    folder = root / "concept" / "train" / name
     if not folder.is_dir():
         raise DatasetError(f"{folder}: training folder of concept {name!r} is missing")
     info = _read_info(name, folder)
-    images = _images_in(folder, cfg)
+    images = _refs(image_files(folder), cfg)
     if not images:
-        raise DatasetError(f"{folder}: no training images ({'/'.join(IMAGE_EXTS)})")
+        raise DatasetError(f"{folder}: no training images (png/jpg/jpeg/webp/bmp, names without 'mask')")
+    if train_images is None:
+        references = list(images)
+    else:
+        ti = root / "concept" / "train" / "train_images.json"
+        if name not in train_images:
+            raise DatasetError(f"{ti}: no entry for concept {name!r}")
+        missing = [f for f in train_images[name] if not (folder / f).is_file()]
+        if missing:
+            raise DatasetError(f"{ti}: field {name!r} lists image(s) not in {folder}: {missing[:3]}")
+        references = _refs([folder / f for f in train_images[name]], cfg)
+        if not references:
+            raise DatasetError(f"{ti}: field {name!r} lists no reference image")
+    override = read_reasoning(folder, info)
+    if override is not None:
+        reasoning, source = override, "reasoning.json"
+    else:
+        reasoning = _personalized_split(root, info, cfg)[0]
+        source = "t2i_conditions" if reasoning else "none"
     train = ConceptTrain(
-        images=images, cropped=_images_in(folder / "cropped", cfg) or list(images),
-        conversations=_read_conversations(folder, images), reasoning=read_reasoning(folder, info),
+        images=images, cropped=_refs(image_files(folder / "cropped"), cfg) or list(images), references=references,
+        conversations=_read_conversations(root, folder, images), reasoning=reasoning, reasoning_source=source,
         positive_recognitions=_read_optional_qa(folder / "positive_recognitions.json"),
         random_recognitions=_read_optional_qa(folder / "random_recognitions.json"),
-        negative_examples=_images_in(folder / "negative_example", cfg))
+        negative_examples=_refs(image_files(folder / "negative_example"), cfg))
     return info, train
 
 
-def _read_test(name: str, folder: Path, cfg: DataConfig) -> ConceptTest:
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: test folder of concept {name!r} is missing")
-    path = folder / "t2i_conditions.json"
-    raw = _read_json(path)
-    raw = {T2I_DEFAULT_KEY: raw} if isinstance(raw, list) else raw
-    if not isinstance(raw, dict):
-        raise DatasetError(f"{path}: expected a list of prompts or an object of prompt lists")
-    t2i = {}
-    for k, v in raw.items():
-        if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
-            raise DatasetError(f"{path}: field {k!r} must be a list of non-empty prompt strings")
-        t2i[k] = [x.strip() for x in v]
-    return ConceptTest(images=_images_in(folder, cfg), vqa=_qa_collection(_read_json(folder / "vqa.json"),
-                                                                         folder / "vqa.json"),
-                       text_only=_qa_collection(_read_json(folder / "text_only.json"), folder / "text_only.json"),
-                       t2i_conditions=t2i)
+def _read_test(root: Path, info: ConceptInfo, cfg: DataConfig) -> ConceptTest:
+    folder = root / "concept" / "test" / info.name
+    items = read_test_items(root, info.name)
+    if not folder.is_dir() and items is None:
+        raise DatasetError(f"{folder}: test folder of concept {info.name!r} is missing (and no test_data/"
+                           f"{info.name}.json)")
+    _, held, unpaired, t2i = _personalized_split(root, info, cfg)
+    override = read_reasoning(folder, info)
+    if override is not None:
+        held, unpaired = override, []
+    vqa_path, qa_path = folder / "vqa.json", folder / "text_only.json"
+    if items is not None and cfg.verify_images:
+        for it in items:
+            load_image(it.image, cfg)
+    return ConceptTest(images=_refs(image_files(folder), cfg), vqa=_read_optional_qa(vqa_path),
+                       text_only=_read_optional_qa(qa_path), t2i_conditions=t2i, held_out=held, unpaired=unpaired,
+                       items=items)
+
+
+def check_training_use(dataset: "ConceptDataset", text_task_ratio: float) -> None:
+    """DatasetError before any work when a concept cannot supply the tasks the run will draw: text-only tasks
+    (``text_task_ratio > 0``) need extra_info and reasoning prompts; visual tasks (``< 1``) need a training photo
+    with conversations.json pairs."""
+    for name, c in dataset.concepts.items():
+        base = dataset.root / "concept"
+        if text_task_ratio > 0:
+            if not c.info.extra_info:
+                raise DatasetError(f"{base}/train/{name}/info.json: field 'extra_info' is empty, but text-only "
+                                   f"tasks are on (data.text_task_ratio={text_task_ratio}; set it to 0)")
+            if not c.train.reasoning:
+                raise DatasetError(f"{base}/test/{name}/t2i_conditions.json: no '{T2I_DEFAULT_KEY}' prompts pair "
+                                   f"with extra_info (and no train/{name}/reasoning.json), but text-only tasks "
+                                   f"are on (data.text_task_ratio={text_task_ratio}; set it to 0)")
+        if text_task_ratio < 1 and not c.train.conversations:
+            raise DatasetError(f"{base}/train/{name}/conversations.json: no question-answer pairs for any training "
+                               f"photo, but visual tasks are on (data.text_task_ratio={text_task_ratio}; set it "
+                               "to 1)")
 
 
 def load_concept_dataset(root: str | Path, concepts: list[str] | None = None, *, include_test: bool = False,
                          config: DataConfig | None = None) -> ConceptDataset:
     """Load ``root`` (all concepts of concepts_list.json, or only ``concepts``).
 
-    Training code calls this with ``include_test=False`` (D14); evaluation passes True to also read
-    ``concept/test/<c>/`` and ``prompts_to_eval.json``. Raises DatasetError naming file and field.
+    Training code calls this with ``include_test=False``; evaluation passes True to also read the held-out side
+    (``concept/test/<c>/``, ``test_data/<c>.json``). Raises DatasetError naming file and field.
     """
     cfg = config or DataConfig()
+    cfg.validate()
     root = Path(root).resolve()
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root is not a directory")
     list_path = root / "concepts_list.json"
-    names = _read_json(list_path)
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+    names = read_json(list_path)
+    if not isinstance(names, list) or not names:
         raise DatasetError(f"{list_path}: expected a non-empty list of concept names")
+    for i, n in enumerate(names):
+        check_concept_name(n, f"{list_path}: item [{i}]")
     if len(set(names)) != len(names):
         raise DatasetError(f"{list_path}: duplicate concept names")
     wanted = list(names) if concepts is None else list(concepts)
     for n in wanted:
+        check_concept_name(n, "data.concepts")
         if n not in names:
             raise DatasetError(f"unknown concept {n!r}: not in {list_path} (known: {names})")
     black = root / "black_512x512.png"
     load_image(black, cfg)
+    train_images = read_train_images(root)
     out: dict[str, Concept] = {}
     for n in wanted:
-        info, train = _read_train(n, root / "concept" / "train" / n, cfg)
-        test = _read_test(n, root / "concept" / "test" / n, cfg) if include_test else None
-        out[n] = Concept(info, train, test)
-    eval_prompts: dict[str, list[str]] = {}
-    ep = root / "prompts_to_eval.json"
-    if include_test and ep.exists():
-        eval_prompts = _read_json(ep)
-        if not isinstance(eval_prompts, dict) or not all(isinstance(v, list) for v in eval_prompts.values()):
-            raise DatasetError(f"{ep}: expected an object of prompt lists")
+        info, train = _read_train(root, n, cfg, train_images)
+        out[n] = Concept(info, train, _read_test(root, info, cfg) if include_test else None)
     return ConceptDataset(root=root, concepts=out, black_image=ImageRef(black.resolve(), cfg.max_image_pixels),
-                          random_images=_images_in(root / "random_images", cfg), eval_prompts=eval_prompts)
+                          random_images=_refs(image_files(root / "random_images"), cfg))
+
+
+def load_dataset(data_cfg: Any, include_test: bool = False) -> ConceptDataset:
+    """The dataset of a run's ``data`` config section (``root``, ``concepts``, ``reader``): every role loads it
+    through here so ``data.reader`` applies everywhere."""
+    return load_concept_dataset(data_cfg.root, concepts=list(data_cfg.concepts) or None, include_test=include_test,
+                                config=data_cfg.reader)

@@ -1,23 +1,22 @@
 """UnifyBench++ evaluation of a policy on the held-out ``test/`` data (no Ray): metrics, JSON, Markdown, PNG grid.
 
-Per concept (metric definitions in :mod:`rl.metrics_eval`), every answer greedy with ``eval.max_new_tokens``
-(UniCTokens: 100), prompts built exactly as in training (:mod:`rl.tasks`: the ``"<c> is <token_0..15>."`` mmu
-prefix; ``<c>`` in T2I prompts expanded to ``"<token_0..23> <c>"``; the compound prompt CP = IP + IR):
+Per concept (metric definitions in :mod:`rl.metrics_eval`, items in :mod:`rl.eval_items`), every answer greedy with
+``eval.max_new_tokens`` (UniCTokens: 100), prompts in the run's ``data.prompt_style`` (:mod:`rl.tasks`):
 
-* **Rec.**: "Is <c> in this photo?" (``eval.rec_question``) on the concept's test images (positives) and on the
-  other concepts' test images + ``random_images/`` (negatives, interleaved); weighted accuracy.
-* **VQA**: ``test/<c>/vqa.json`` on its test image; **QA**: ``text_only.json`` on the black image; char BLEU.
-* **Rea.**: the text-only reasoning task (all extra_info + a held-out reasoning prompt IP), BLEU of the cleaned
-  answer against the correct extra_info item. Held-out pairs: ``test/<c>/reasoning.json`` (the train schema) if
-  present, else the t2i_conditions prompts paired in order with the extra_info items that no training reasoning
-  prompt uses (UnifyBench++: the non-training facts are the test facts); remaining prompts are Pure Gen. prompts.
-* **Pure Gen.**: images of "A photo of <c>.", the leftover t2i_conditions prompts and ``prompts_to_eval.json``
-  (``<sks>`` → ``<c>``); CLIP-I to the training images, CLIP-T to the prompt with tokens stripped and
-  ``<c>`` → class word (D8); **Face** (human concepts): FER over those images where a face is detected.
+* **Rec. / VQA / QA / choice**: ``test_data/<c>.json`` as ``eval/eval_p_mmu.py`` reads it (questions behind the
+  style's system prompt); without it, "Is <c> in this photo?" (``eval.rec_question``) on the concept's test photos
+  (positives) and the other concepts' test photos + ``random_images/`` (negatives), ``test/<c>/vqa.json`` and
+  ``text_only.json``. Rec.: weighted accuracy; VQA / QA: char BLEU; choice: reference contained in the answer.
+* **Rea.**: the text-only reasoning task on the held-out half of ``t2i_conditions.json`` (index-paired with
+  extra_info as the released grpo.py pairs the training half), BLEU against the correct extra_info item.
+* **Pure Gen.**: exactly the released DreamBench list (``eval.prompts_to_eval``, by generation_type, ``<sks>`` →
+  ``<c>``); CLIP-I to the reference images (train_images.json), CLIP-T to the prompt with tokens stripped and
+  ``<c>`` → class word (as eval/clip_eval.py). **Face** (human concepts): FER over images of "A photo of <c>." (the
+  released face evaluation's prompt) where a face is detected.
 * **Rea. Gen.**: images from CP = IP + the model's own reasoning answer; CLIP-I, and CLIP-T against the explicit
   prompt IP + the correct item (the paper: "replace the inferential part with specific details").
-* **Dense Rea. / Dense Gen.**: only with a judge (:mod:`rl.judge`); Dense Gen. prompts are the t2i_conditions
-  lists whose key contains "dense", else the Rea. Gen. explicit prompts.
+* **Dense Rea. / Dense Gen.**: only with a judge (:mod:`rl.judge`, e.g. the OpenAI-compatible one); Dense Gen.
+  prompts are the t2i_conditions lists whose key contains "dense", else the Rea. Gen. explicit prompts.
 
 Deterministic: greedy answers; image ``j`` of prompt ``i`` of kind ``k`` draws only from
 ``make_generator(sample_seed(eval.seed, 0, i, j, 0, f"eval/{concept}/{k}"))`` (rl.seeding, D7), so results
@@ -40,7 +39,9 @@ from backbone.maskgit import MaskGITSampler
 from backbone.prompts import build_mmu_inputs, build_t2i_inputs
 from configs.loader import to_dict
 from rl import metrics_eval as M
-from rl.data import T2I_DEFAULT_KEY, ConceptDataset, DatasetError, ReasoningPrompt
+from rl.data import ConceptDataset, DatasetError, load_image
+from rl.eval_items import (PHOTO_PROMPT, pure_gen_prompts, rec_items, resolve_prompts_to_eval, system_question,
+                           test_reasoning, understanding_items)
 from rl.judge import Judge, build_judge, check_judge_score
 from rl.seeding import make_generator, sample_seed
 from rl.tasks import (ConceptPromptTokens, UnderstandingTask, build_compound_prompt, build_understanding_prompt,
@@ -48,7 +49,7 @@ from rl.tasks import (ConceptPromptTokens, UnderstandingTask, build_compound_pro
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "EvalScorers", "build_eval_scorers", "test_reasoning", "rec_items", "gen_prompts",
+__all__ = ["EvalConfig", "EvalScorers", "build_eval_scorers", "test_reasoning", "rec_items", "pure_gen_prompts",
            "generate_images", "evaluate_policy", "flat_metrics", "write_eval_outputs", "EvalRunner",
            "worker_evaluate"]
 
@@ -74,9 +75,12 @@ class EvalConfig:
     max_rea: int | None = None
     """Cap on reasoning items (Rea. and Rea. Gen.) per concept."""
     max_gen_prompts: int | None = None
-    """Cap on Pure Gen. prompts per concept ("A photo of <c>." comes first)."""
-    use_eval_prompts: bool = True
-    """Add prompts_to_eval.json (by the concept's generation_type) to the Pure Gen. prompts."""
+    """Cap on Pure Gen. prompts per concept (None = the whole DreamBench list)."""
+    prompts_to_eval: str | None = None
+    """The released prompts_to_eval.json (DreamBench prompts by generation_type, kept beside the released code, not
+    in the data): Pure Gen. uses exactly its list. None = <data.root>/prompts_to_eval.json if present, else a loud
+    warning and Pure Gen. falls back to the single prompt "A photo of <c>."; a given path that is missing is an
+    error."""
     seed: int = 0
     """Seed of every image draw (with concept, kind, prompt and image index; independent of the run seed and step,
     so evaluations at different steps use the same noise)."""
@@ -142,61 +146,21 @@ def build_eval_scorers(cfg, dataset: ConceptDataset, device: str | torch.device 
     if ecfg.clip:
         out.clip = expert("clip")
         for name, c in dataset.concepts.items():
-            out.clip.add_reference(name, [r.load() for r in c.train.images])
+            out.clip.add_reference(name, [r.load() for r in c.train.references])
     humans = {n: c for n, c in dataset.concepts.items() if c.info.category == "human"}
     if ecfg.face and humans:
         out.fer = expert("fer")
         for name, c in humans.items():
             try:
-                out.fer.add_reference(name, [r.load() for r in c.train.images], category="human")
+                out.fer.add_reference(name, [r.load() for r in c.train.references], category="human")
             except ValueError as exc:  # no face in any reference image
                 out.notes[f"face/{name}"] = str(exc)
     return out
 
 
-# ------------------------------------------------------------------------------------------------ items
 def _cap(items: list, *caps: int | None) -> list:
     caps = [c for c in caps if c is not None]
     return items[:min(caps)] if caps else items
-
-
-def test_reasoning(dataset: ConceptDataset, concept: str) -> tuple[list[ReasoningPrompt], list[str]]:
-    """(held-out reasoning prompts with their answer index, the t2i_conditions prompts left for Pure Gen.)."""
-    c = dataset.concept(concept)
-    prompts = list(c.test.t2i_conditions.get(T2I_DEFAULT_KEY, []))
-    path = dataset.root / "concept" / "test" / concept / "reasoning.json"
-    if path.exists():
-        from rl.data import read_reasoning  # the training reader: same schema, same checks
-
-        return read_reasoning(path.parent, c.info), prompts
-    used = {rp.answer_index for rp in c.train.reasoning}
-    held = [i for i in range(len(c.info.extra_info)) if i not in used]
-    n = min(len(held), len(prompts))
-    if not c.train.reasoning:  # nothing says which facts are held out
-        n = 0
-    return [ReasoningPrompt(prompts[k], held[k]) for k in range(n)], prompts[n:]
-
-
-def rec_items(dataset: ConceptDataset, concept: str) -> list[tuple[Any, bool]]:
-    """(ImageRef, expected yes) pairs: the concept's test images, then negatives interleaved by source (each other
-    concept's test images, random_images)."""
-    pos = [(r, True) for r in dataset.concept(concept).test.images]
-    sources = [list(c.test.images) for n, c in dataset.concepts.items() if n != concept and c.test is not None]
-    sources.append(list(dataset.random_images))
-    neg = []
-    for k in range(max((len(s) for s in sources), default=0)):
-        neg += [(s[k], False) for s in sources if k < len(s)]
-    return pos + neg
-
-
-def gen_prompts(dataset: ConceptDataset, concept: str, leftover: list[str], use_eval_prompts: bool = True
-                ) -> list[str]:
-    """Pure Gen. prompts (with "<c>"): "A photo of <c>.", leftover t2i_conditions prompts, prompts_to_eval."""
-    info = dataset.concept(concept).info
-    out = [f"A photo of {info.token}."] + [p for p in leftover if info.token in p]
-    if use_eval_prompts:
-        out += [p.replace("<sks>", info.token) for p in dataset.eval_prompts.get(info.generation_type, [])]
-    return list(dict.fromkeys(out))
 
 
 # ------------------------------------------------------------------------------------------------ model calls
@@ -233,7 +197,8 @@ def generate_images(policy, texts: list[str], seeds: list[int], sampler_cfg, max
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit: int | None) -> dict:
+def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit: int | None,
+             dreambench: dict[str, list[str]]) -> dict:
     c = dataset.concept(name)
     info, test = c.info, c.test
     if test is None:
@@ -243,39 +208,35 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
     black = dataset.black()
     loaded: dict[str, np.ndarray] = {}
 
-    def img(ref) -> np.ndarray:
-        return loaded.setdefault(str(ref.path), ref.load())
+    def img(ref) -> np.ndarray:   # an ImageRef or a test_data image path
+        path = getattr(ref, "path", ref)
+        if str(path) not in loaded:
+            loaded[str(path)] = ref.load() if hasattr(ref, "load") else load_image(path, reader)
+        return loaded[str(path)]
 
-    q = lambda text: f"{tokens.mmu_prefix()} {text}"  # noqa: E731  (visual / QA question, as training)
-    rec_all = rec_items(dataset, name)
-    rec = (_cap([x for x in rec_all if x[1]], ecfg.max_rec_positive, limit)
-           + _cap([x for x in rec_all if not x[1]], ecfg.max_rec_negative, limit))
-    by_name = {r.name: r for r in test.images}
-    vqa = _cap(list(test.vqa), ecfg.max_vqa, limit)
-    for qa in vqa:
-        if qa.image not in by_name:
-            raise DatasetError(f"{dataset.root}/concept/test/{name}/vqa.json: image {qa.image!r} is not a test image")
-    qa_items = _cap(list(test.text_only), ecfg.max_qa, limit)
-    rea_prompts, leftover = test_reasoning(dataset, name)
-    rea_prompts = _cap(rea_prompts, ecfg.max_rea, limit)
+    style = getattr(getattr(cfg, "data", None), "prompt_style", "released")
+    reader = getattr(getattr(cfg, "data", None), "reader", None)
+    mmu = understanding_items(dataset, name, ecfg, limit)
+    rea_prompts = _cap(test_reasoning(dataset, name), ecfg.max_rea, limit)
     tasks = [UnderstandingTask(kind="text", concept=name, category=info.category, class_word=info.class_word,
                                image=black, image_name=dataset.black_image.name, question=rp.prompt,
                                reference=info.extra_info[rp.answer_index], gen_prompt=rp.prompt,
-                               candidates=list(info.extra_info), target_index=rp.answer_index) for rp in rea_prompts]
-    questions = ([(img(r), q(ecfg.rec_question.replace("<c>", info.token))) for r, _ in rec]
-                 + [(img(by_name[x.image]), q(x.query)) for x in vqa] + [(black, q(x.query)) for x in qa_items]
+                               candidates=list(info.extra_info), target_index=rp.answer_index, profile=info.info,
+                               style=style) for rp in rea_prompts]
+    questions = ([(img(x.image), system_question(x.question, tokens, style)) for x in mmu]
                  + [(black, build_understanding_prompt(t, tokens)) for t in tasks])
     answers = _answers(policy, questions, ecfg)
-    a_rec, a_vqa = answers[:len(rec)], answers[len(rec):len(rec) + len(vqa)]
-    a_qa = answers[len(rec) + len(vqa):len(rec) + len(vqa) + len(qa_items)]
-    a_rea = answers[len(answers) - len(tasks):]
+    a_mmu, a_rea = answers[:len(mmu)], answers[len(mmu):]
+    image_key = lambda ref: str(Path(getattr(ref, "path", ref)).relative_to(dataset.root))  # noqa: E731
     items: dict[str, list] = {
-        "rec": [{"image": str(r.path.relative_to(dataset.root)), "expected": "yes" if y else "no", "answer": a,
-                 "correct": M.recognition_correct(a, y)} for (r, y), a in zip(rec, a_rec)],
-        "vqa": [{"image": x.image, "question": x.query, "reference": x.answer, "answer": a, "bleu": M.bleu(x.answer, a)}
-                for x, a in zip(vqa, a_vqa)],
-        "qa": [{"question": x.query, "reference": x.answer, "answer": a, "bleu": M.bleu(x.answer, a)}
-               for x, a in zip(qa_items, a_qa)],
+        "rec": [{"image": image_key(x.image), "expected": "yes" if x.expected_yes else "no", "answer": a,
+                 "correct": M.recognition_correct(a, x.expected_yes)} for x, a in zip(mmu, a_mmu) if x.kind == "rec"],
+        "vqa": [{"image": image_key(x.image), "question": x.question, "reference": x.reference, "answer": a,
+                 "bleu": M.bleu(x.reference, a)} for x, a in zip(mmu, a_mmu) if x.kind == "vqa"],
+        "qa": [{"question": x.question, "reference": x.reference, "answer": a, "bleu": M.bleu(x.reference, a)}
+               for x, a in zip(mmu, a_mmu) if x.kind == "qa"],
+        "choice": [{"image": image_key(x.image), "question": x.question, "reference": x.reference, "answer": a,
+                    "correct": x.reference in a} for x, a in zip(mmu, a_mmu) if x.kind == "choice"],
         "rea": [{"prompt": t.question, "reference": t.reference, "answer": a, "bleu": M.bleu(t.reference, a)}
                 for t, a in zip(tasks, a_rea)]}
     recog = M.weighted_accuracy([it["correct"] for it in items["rec"] if it["expected"] == "yes"],
@@ -283,8 +244,10 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
     # ---- generation jobs: (kind, prompt index, Show-o text, CLIP-T / judge text)
     budget = text_budget(cfg.rollout.max_text_len)
     jobs = [("pure", i, expand_concept(p, tokens), reward_prompt(p, tokens, info.class_word))
-            for i, p in enumerate(_cap(gen_prompts(dataset, name, leftover, ecfg.use_eval_prompts),
-                                       ecfg.max_gen_prompts, limit))]
+            for i, p in enumerate(_cap(pure_gen_prompts(info, dreambench), ecfg.max_gen_prompts, limit))]
+    if info.category == "human" and scorers.fer is not None:   # the released face eval's prompt
+        photo = PHOTO_PROMPT.replace("<c>", info.token)
+        jobs.append(("photo", 0, expand_concept(photo, tokens), reward_prompt(photo, tokens, info.class_word)))
     for i, (t, a) in enumerate(zip(tasks, a_rea)):
         explicit = reward_prompt(f"{compound_fixed_part(t, tokens)} {t.reference}", tokens, info.class_word)
         jobs.append(("rea", i, build_compound_prompt(t, a, tokens, policy.tok, budget=budget)[0], explicit))
@@ -317,7 +280,7 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
         notes["clip"] = "no CLIP scorer (eval.clip=false)" if scorers.clip is None else "no images"
     metrics["face"] = None
     if info.category == "human":
-        pure = [i for i, g in enumerate(gen) if g["kind"] == "pure"]
+        pure = [i for i, g in enumerate(gen) if g["kind"] == "photo"]
         if scorers.fer is None or f"face/{name}" in scorers.notes:
             notes["face"] = scorers.notes.get(f"face/{name}", "no face scorer (eval.face=false)")
         elif pure:
@@ -329,11 +292,13 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
                 sc = scorers.fer.score(ScoreBatch(images=images[found], concepts=[name] * len(found)))
                 metrics["face"] = float(np.mean(sc))
             else:
-                notes["face"] = f"no face detected in the {len(pure)} Pure Gen. image(s)"
+                notes["face"] = f"no face detected in the {len(pure)} '{PHOTO_PROMPT}' image(s)"
     _judge(scorers.judge, tasks, a_rea, gen, images, metrics, notes, bool(dense))
     metrics.update(rec_pos_acc=recog["pos_acc"], rec_neg_acc=recog["neg_acc"], rec_acc=recog["acc"])
-    counts = {"rec_pos": recog["n_pos"], "rec_neg": recog["n_neg"], "vqa": len(vqa), "qa": len(qa_items),
-              "rea": len(tasks), "images": len(gen)}
+    if items["choice"]:
+        metrics["choice"] = M.mean_or_none(float(x["correct"]) for x in items["choice"])
+    counts = {"rec_pos": recog["n_pos"], "rec_neg": recog["n_neg"], "vqa": len(items["vqa"]), "qa": len(items["qa"]),
+              "choice": len(items["choice"]), "rea": len(tasks), "images": len(gen)}
     return {"category": info.category, "class_word": info.class_word, "metrics": metrics, "counts": counts,
             "notes": notes, "items": {**items, "generation": gen}, "_images": images, "_codes": codes}
 
@@ -372,6 +337,7 @@ def evaluate_policy(cfg, policy, dataset: ConceptDataset, scorers: EvalScorers |
     ecfg = _eval_cfg(cfg)
     scorers = scorers if scorers is not None else build_eval_scorers(cfg, dataset, device=policy.model.device)
     names = list(concepts or dataset.concepts)
+    dreambench, dreambench_source = resolve_prompts_to_eval(ecfg.prompts_to_eval, dataset.root)
     was_training = policy.model.training
     policy.model.eval()
     t0 = time.perf_counter()
@@ -380,7 +346,7 @@ def evaluate_policy(cfg, policy, dataset: ConceptDataset, scorers: EvalScorers |
         with torch.no_grad():
             for name in names:
                 t = time.perf_counter()
-                per[name] = _concept(cfg, ecfg, policy, dataset, scorers, name, limit)
+                per[name] = _concept(cfg, ecfg, policy, dataset, scorers, name, limit, dreambench)
                 per[name]["seconds"] = time.perf_counter() - t
     finally:
         policy.model.train(was_training)
@@ -392,6 +358,7 @@ def evaluate_policy(cfg, policy, dataset: ConceptDataset, scorers: EvalScorers |
     return {"step": step, "judge": getattr(scorers.judge, "name", None), "concepts": per, "mean": mean,
             "not_computed": not_computed, "seconds": time.perf_counter() - t0,
             "settings": {"eval": to_dict(ecfg), "limit": limit, "sampler": to_dict(cfg.sampler),
+                         "prompts_to_eval": dreambench_source,
                          "max_text_len": cfg.rollout.max_text_len}}
 
 
@@ -463,11 +430,10 @@ class EvalRunner:
 
     def __init__(self, cfg, policy, device: str | torch.device | None = None, dataset: ConceptDataset | None = None,
                  scorers: EvalScorers | None = None):
-        from rl.data import load_concept_dataset
+        from rl.data import load_dataset
 
         self.cfg, self.policy = cfg, policy
-        self.dataset = dataset or load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None,
-                                                       include_test=True)
+        self.dataset = dataset or load_dataset(cfg.data, include_test=True)
         self.scorers = scorers or build_eval_scorers(cfg, self.dataset, device=device)
 
     def __call__(self, step: int) -> dict[str, float]:

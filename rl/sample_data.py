@@ -1,10 +1,12 @@
-"""A small, deterministic concept dataset in the UniCTokens / UnifyBench++ layout (see rl/data.py).
+"""A small, deterministic concept dataset in the released UniCTokens / UnifyBench++ layout (see rl/data.py).
 
-Three concepts from scikit-image's bundled photos: a human (``astronaut``), an animal (``chelsea``, a cat)
-and an object (``coffee``, a cup). Training images are crops / flips / small shifts of the photo, cropped/
-holds subject crops, random_images/ other skimage photos, negative_example/ hard negatives. Text: profiles,
-≥ 4 distinct extra_info facts, reasoning prompts with answer items, conversations, recognitions and test
-files (t2i_conditions in list form for one concept and dict form for the others).
+Three concepts from scikit-image's bundled photos: a human (``astro``), an animal (``chelsea``, a cat) and an object
+(``cuppa``, a cup). Written the way the released data is: ``info.json`` without ``category``, no ``reasoning.json``
+(the training reasoning prompts are the first half of ``test/<c>/t2i_conditions.json``, index-paired with
+``extra_info``), ``concept/train/train_images.json``, a ``mask`` file among the crops, conversations keyed by image
+file, t2i_conditions in list form for one concept and dict form for the others, ``test_data/<c>.json`` for two
+concepts (the third uses ``vqa.json`` / ``text_only.json``), and a small ``prompts_to_eval.json`` at the root (the
+released file lives beside the released code; ``eval.prompts_to_eval`` points at it).
 """
 from __future__ import annotations
 
@@ -38,12 +40,13 @@ _TEXT = {
             "<astro> reads science-fiction novels in her spare time.",
             "<astro> celebrates her birthday with a chocolate cake.",
             "<astro> works in a mission control room full of screens.",
+            "<astro> keeps a golden retriever called Apollo.",
         ],
         "reasoning": [("A photo of <astro> dressed for travel.", 0),
                       ("A photo of <astro> doing her morning exercise.", 1),
                       ("A photo of <astro> enjoying her favourite hobby.", 2),
                       ("A photo of <astro> at her birthday party.", 3)],
-        "test_t2i": ["A photo of <astro> at work."],
+        "test_t2i": ["A photo of <astro> at work.", "A photo of <astro> with her pet."],
         "qa": [("What is <astro> wearing?", "<astro> is wearing an orange spacesuit with mission patches."),
                ("What colour is <astro>'s hair?", "<astro> has short brown hair."),
                ("What is behind <astro>?", "An American flag and a model of a space shuttle are behind <astro>.")],
@@ -56,12 +59,13 @@ _TEXT = {
             "<chelsea> plays with a blue ball of yarn.",
             "<chelsea> watches birds from the kitchen window sill.",
             "<chelsea> visited a snowy mountain cabin last winter.",
+            "<chelsea> eats salmon from a green ceramic bowl.",
         ],
         "reasoning": [("A photo of <chelsea> going outside.", 0),
                       ("A photo of <chelsea> taking a nap.", 1),
                       ("A photo of <chelsea> with her favourite toy.", 2),
                       ("A photo of <chelsea> at her favourite lookout spot.", 3)],
-        "test_t2i": ["A photo of <chelsea> on last winter's trip."],
+        "test_t2i": ["A photo of <chelsea> on last winter's trip.", "A photo of <chelsea> at dinner time."],
         "qa": [("What colour are <chelsea>'s eyes?", "<chelsea> has yellow-green eyes."),
                ("What pattern does <chelsea>'s fur have?", "<chelsea> has striped tabby fur."),
                ("Where is <chelsea> looking?", "<chelsea> is looking slightly to the side.")],
@@ -74,12 +78,13 @@ _TEXT = {
             "The price of <cuppa> is $12.",
             "<cuppa> comes along on picnics in a wicker basket.",
             "<cuppa> is always washed by hand, never in a dishwasher.",
+            "<cuppa> was a gift from a friend in Naples.",
         ],
         "reasoning": [("A photo of <cuppa> where it is kept.", 0),
                       ("A photo of <cuppa> on a weekend morning.", 1),
                       ("A photo of <cuppa> on a shop shelf with its price tag.", 2),
                       ("A photo of <cuppa> on a summer outing.", 3)],
-        "test_t2i": ["A photo of <cuppa> being cleaned."],
+        "test_t2i": ["A photo of <cuppa> being cleaned.", "A photo of <cuppa> next to a souvenir of where it came from."],
         "qa": [("What is in <cuppa>?", "<cuppa> holds an espresso with golden crema."),
                ("What colour is <cuppa>?", "<cuppa> is red with a white inside."),
                ("What is under <cuppa>?", "A red saucer with a silver spoon is under <cuppa>.")],
@@ -144,7 +149,8 @@ def _dump(obj: object, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_concept(root: Path, name: str, size: int, t2i_as_list: bool, log: Callable[[str], None]) -> None:
+def _write_concept(root: Path, name: str, size: int, t2i_as_list: bool, test_data: bool,
+                   log: Callable[[str], None]) -> None:
     loader, cls, category, box = _SOURCES[name]
     text = _TEXT[name]
     img = _photo(loader)
@@ -154,6 +160,9 @@ def _write_concept(root: Path, name: str, size: int, t2i_as_list: bool, log: Cal
     for i, (b, flip) in enumerate(views):
         _save(_crop(img, b, size, flip), tr / f"{i}.png")
         _save(_crop(img, box, size, flip=(i % 2 == 1)), tr / "cropped" / f"{i}.png")
+    # a segmentation mask beside the photos, as in the released data: every reader must skip it ("mask" in name)
+    _save(np.where(_rgb(np.asarray(_crop(img, views[0][0], size))) > 127, 255, 0).astype(np.uint8),
+          tr / "cropped" / "0_mask.png")
     # test images: other views (not used by training)
     _save(_crop(img, _square(0.85, 0.4, 0.6, img.shape[:2]), size), te / "0.png")
     _save(_crop(img, _square(0.85, 0.6, 0.4, img.shape[:2]), size, flip=True), te / "1.png")
@@ -162,13 +171,13 @@ def _write_concept(root: Path, name: str, size: int, t2i_as_list: bool, log: Cal
     _save(_crop(img[..., ::-1].copy(), views[0][0], size), neg / "0.png")
     _save(_crop(255 - img, views[0][0], size), neg / "1.png")
     _dump({"0.png": 0.61, "1.png": 0.42}, neg / "score.json")
-    _dump({"class": cls, "category": category, "info": text["info"], "extra_info": text["extra_info"],
-           "generation_type": "object" if category == "object" else "live_subject",
-           "conversation_type": category}, tr / "info.json")
+    # info.json as released: no "category" (derived from conversation_type / class / generation_type)
+    _dump({"class": cls, "info": text["info"], "extra_info": text["extra_info"],
+           "conversation_type": category, "generation_type": "object" if category == "object" else "live_subject"},
+          tr / "info.json")
     qa = text["qa"]
     _dump({f"{i}.png": [{"query": q, "answer": a} for q, a in (qa[i % 3], qa[(i + 1) % 3])]
            for i in range(len(views))}, tr / "conversations.json")
-    _dump([{"prompt": p, "answer_index": k} for p, k in text["reasoning"]], tr / "reasoning.json")
     tok = f"<{name}>"
     _dump({f"{i}.png": [{"query": f"Is {tok} in this photo?", "answer": f"Yes, {tok} is in this photo."}]
            for i in range(len(views))}, tr / "positive_recognitions.json")
@@ -178,8 +187,23 @@ def _write_concept(root: Path, name: str, size: int, t2i_as_list: bool, log: Cal
           te / "vqa.json")
     _dump([{"query": f"What does {tok} do? Answer from what you know.", "answer": text["extra_info"][4]},
            {"query": f"Describe {tok}.", "answer": text["info"]}], te / "text_only.json")
-    prompts = text["test_t2i"] + [f"A photo of {tok} in a sunny garden."]
+    # personalized-driven prompts, index-paired with extra_info: the first half trains (grpo.py), the rest is held out
+    prompts = [p for p, _ in text["reasoning"]] + text["test_t2i"]
     _dump(prompts if t2i_as_list else {"personalized_driven_generation": prompts}, te / "t2i_conditions.json")
+    if test_data:   # gen_test_data.py's output, read by eval/eval_p_mmu.py
+        items = [{"image": f"concept/test/{name}/{i}.png", "type": "rec",
+                  "conversations": [{"from": "human", "value": f"<image>\nIs {tok} in this photo?"},
+                                    {"from": "gpt", "value": "Yes."}]} for i in range(2)]
+        items += [{"image": f"random_images/{i}.png", "type": "rec",
+                   "conversations": [{"from": "human", "value": f"<image>\nIs {tok} in this photo?"},
+                                     {"from": "gpt", "value": "No."}]} for i in range(2)]
+        items += [{"image": f"concept/test/{name}/{i}.png", "type": "vqa",
+                   "conversations": [{"from": "human", "value": f"<image>\n{qa[i][0]}"},
+                                     {"from": "gpt", "value": qa[i][1]}]} for i in range(2)]
+        items += [{"image": "black_512x512.png", "type": "text_only",
+                   "conversations": [{"from": "human", "value": f"<image>\nDescribe {tok}."},
+                                     {"from": "gpt", "value": text["info"]}]}]
+        _dump(items, root / "test_data" / f"{name}.json")
     log(f"  concept {name}: {category}/{cls}, {len(views)} training images")
 
 
@@ -210,7 +234,9 @@ def write_sample_dataset(out: str | Path, *, force: bool = False, image_size: in
         _save(_crop(src, _square(1.0, 0.5, 0.5, src.shape[:2]), image_size), out / "random_images" / f"{i}.png")
     log("  random_images: 4")
     for i, name in enumerate(SAMPLE_CONCEPTS):
-        _write_concept(out, name, image_size, t2i_as_list=(i == 0), log=log)
+        _write_concept(out, name, image_size, t2i_as_list=(i == 0), test_data=(i < 2), log=log)
+    _dump({name: [f"{i}.png" for i in range(5)] for name in SAMPLE_CONCEPTS},
+          out / "concept" / "train" / "train_images.json")
     _dump(_DREAMBOOTH, out / "prompts_to_eval.json")
     log("done")
     return out

@@ -12,6 +12,19 @@
   (never the fixed part); only a fixed part that alone does not fit is an error (D9).
 * :func:`reward_prompt` is the text BER / CLIP-T score: concept tokens stripped, ``<c>`` → class word (D8).
 
+Two prompt styles (``data.prompt_style``), both built here from the same task:
+
+* ``"released"`` (default): byte for byte what the released GRPO code (``sync_r1_grpo/grpo.py``) builds, so a run on
+  the released data and checkpoints sees the paper's prompts. Visual question = the conversations.json query as is;
+  text-only question = grpo.py's template (with its indentation and the Python list of extra_info);
+  CP = ``"A photo of <token_0>…<token_23><c>.\n" + info + IR`` (visual) or
+  ``before + " " + <tokens><c> + " " + after + "." + info + IR`` (text: the prompt split at its first ``<c>``);
+  IR = the answer's first sentence with the class word replaced by ``<c>`` (:func:`released_ir`; the released code's
+  optional external-LLM rewrite is not reproduced); reward text = CP with the ``<token_i>`` strings removed.
+* ``"sft"``: the UniCTokens-SFT layout this service used first: every question starts with the ``"<c> is
+  <token_0>…<token_15>."`` prefix the concept tokens were trained with, CP = ``"A photo of <tokens> <c>." + " " +
+  IR``, reward text with ``<c>`` → class word (D8). It keeps the profile sentence out of the 128-token block.
+
 Token strings come from the tokenizer's ``ConceptTokens`` (names differ for a second concept), never
 hard-coded; :meth:`ConceptPromptTokens.from_names` builds UniCTokens' names for tokenizer-free use.
 """
@@ -28,9 +41,22 @@ from rl.data import ConceptDataset, DatasetError
 __all__ = ["UnderstandingTask", "ConceptPromptTokens", "sample_task", "build_understanding_prompt",
            "text_only_question", "base_prompt", "expand_concept", "compound_fixed_part", "fit_to_budget",
            "build_compound_prompt", "clean_ir", "reward_prompt", "reward_prompt_text", "text_budget",
-           "as_prompt_tokens"]
+           "as_prompt_tokens", "PROMPT_STYLES", "released_text_question", "released_fixed_part", "released_ir"]
 
 TASK_KINDS = ("visual", "text")
+PROMPT_STYLES = ("released", "sft")
+"""``data.prompt_style`` values (module docstring)."""
+
+RELEASED_TEXT_TEMPLATE = (
+    "\n"
+    "                            Below is some information about {concept} : {extra_info}\n"
+    "                            Please make inferences based on the following prompt: {question}. \n"
+    "                            If the prompt relates to a specific item from the aforementioned information list, \n"
+    "                            output and only output that exact item. \n"
+    "                            If the prompt does not relate to any item in the list, \n"
+    "                            output nothing (i.e., an empty response).\n"
+    "                            ")
+"""The released grpo.py text-only question, whitespace included (``extra_info`` is the Python list's repr)."""
 
 
 class TextTokenizer(Protocol):
@@ -67,6 +93,10 @@ class UnderstandingTask:
     """All extra_info items (text tasks; the TIER candidates), empty for visual tasks."""
     target_index: int | None = None
     """Index of the reference in candidates (text tasks)."""
+    profile: str = ""
+    """info.json's "info" sentence (the released style appends it to CP)."""
+    style: str = "released"
+    """Prompt style of every string built from this task (:data:`PROMPT_STYLES`)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +136,11 @@ class ConceptPromptTokens:
         """``"<token_0>…<token_23> <c>"``: how T2I prompts name the concept."""
         return "".join(self.understanding + self.generation) + " " + self.concept
 
+    def released_system_prompt(self) -> str:
+        """eval_p_mmu.py's system prompt: ``"<c> is "`` + understanding + stage-3 tokens, ``".\\n"`` only after
+        stage-3 tokens (as released)."""
+        return f"{self.concept} is {''.join(self.understanding + self.stage3)}" + (".\n" if self.stage3 else "")
+
     def mmu_prefix(self) -> str:
         """``"<c> is <token_0>…<token_15>."``: UniCTokens' system prefix of the first user turn."""
         return f"{self.concept} is {''.join(self.understanding + self.stage3)}."
@@ -126,28 +161,37 @@ def as_prompt_tokens(tokens: Any, num_understanding: int = 16, num_generation: i
 
 # ------------------------------------------------------------------------------------------ tasks
 def sample_task(dataset: ConceptDataset, concept: str, rng: np.random.Generator,
-                text_ratio: float = 0.5) -> UnderstandingTask:
+                text_ratio: float = 0.5, style: str = "released") -> UnderstandingTask:
     """Draw one task for ``concept``: text-only with probability ``text_ratio``, else visual-instruct.
 
-    Visual: uniform over all (training image, QA pair) of conversations.json. Text: uniform over the
-    reasoning prompts of reasoning.json (DatasetError naming it when there are none). Training data only
-    (D14). ``rng`` should come from ``rl.seeding`` (stream "task") so the draw is reproducible.
+    Visual (as grpo.py): a training photo uniformly among those with conversations.json pairs, then one of its
+    pairs uniformly. Text: uniform over the training reasoning prompts (grpo.py's ``randint(1, int((n+1)*rate))``
+    over t2i_conditions, or reasoning.json), each with its extra_info item. Training data only. ``rng`` should
+    come from ``rl.seeding`` (stream "task") so the draw is reproducible.
     """
     if not 0.0 <= text_ratio <= 1.0:
         raise ValueError(f"sample_task: text_ratio must be in [0, 1], got {text_ratio}")
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     c = dataset.concept(concept)
     info = c.info
-    common = dict(concept=info.name, category=info.category, class_word=info.class_word)
+    common = dict(concept=info.name, category=info.category, class_word=info.class_word, profile=info.info,
+                  style=style)
     if rng.random() < text_ratio:
         if not c.train.reasoning:
-            raise DatasetError(f"{dataset.root}/concept/train/{concept}/reasoning.json: concept {concept!r} has no "
-                               "reasoning prompts, so text-only tasks cannot be drawn (set text_ratio=0)")
+            raise DatasetError(f"{dataset.root}/concept/test/{concept}/t2i_conditions.json: concept {concept!r} has "
+                               "no training reasoning prompts, so text-only tasks cannot be drawn (set "
+                               "data.text_task_ratio=0)")
         rp = c.train.reasoning[int(rng.integers(len(c.train.reasoning)))]
         return UnderstandingTask(kind="text", image=dataset.black(), image_name=dataset.black_image.name,
                                  question=rp.prompt, reference=info.extra_info[rp.answer_index],
                                  gen_prompt=rp.prompt, candidates=list(info.extra_info),
                                  target_index=rp.answer_index, **common)
-    pairs = [qa for name in sorted(c.train.conversations) for qa in c.train.conversations[name]]
+    if not c.train.conversations:
+        raise DatasetError(f"{dataset.root}/concept/train/{concept}/conversations.json: no question-answer pairs for "
+                           "any training photo, so visual tasks cannot be drawn (set data.text_task_ratio=1)")
+    names = [r.name for r in c.train.images if r.name in c.train.conversations]
+    pairs = c.train.conversations[names[int(rng.integers(len(names)))]]
     qa = pairs[int(rng.integers(len(pairs)))]
     return UnderstandingTask(kind="visual", image=c.train.image(qa.image).load(), image_name=qa.image,
                              question=qa.query, reference=qa.answer, gen_prompt=f"A photo of {info.token}.",
@@ -164,11 +208,23 @@ def text_only_question(concept: str, extra_info: list[str], reasoning_prompt: st
             f"answer with exactly that item, word for word, and nothing else.")
 
 
+def released_text_question(concept: str, extra_info: list[str], question: str) -> str:
+    """grpo.py's text-only question (:data:`RELEASED_TEXT_TEMPLATE`)."""
+    return RELEASED_TEXT_TEMPLATE.format(concept=concept, extra_info=list(extra_info), question=question)
+
+
 def build_understanding_prompt(task: UnderstandingTask, tokens: ConceptPromptTokens) -> str:
-    """The mmu question: ``tokens.mmu_prefix()`` + the visual question or the text-only template.
+    """The mmu question in the task's style. Released: the visual query as is, or grpo.py's text template. SFT:
+    ``tokens.mmu_prefix()`` + the visual question or our text-only template.
 
     ``tokens`` (here and below): :class:`ConceptPromptTokens` or a tokenizer ``ConceptTokens`` (16 + 8 split)."""
     tokens = as_prompt_tokens(tokens)
+    if task.kind not in TASK_KINDS:
+        raise ValueError(f"UnderstandingTask.kind must be one of {TASK_KINDS}, got {task.kind!r}")
+    if task.style == "released":
+        if task.kind == "visual":
+            return task.question
+        return released_text_question(tokens.concept, task.candidates, task.question)
     if task.kind == "visual":
         body = task.question
     elif task.kind == "text":
@@ -193,9 +249,40 @@ def expand_concept(prompt: str, tokens: ConceptPromptTokens) -> str:
     return prompt.replace(tokens.concept, tokens.t2i_phrase(), 1)
 
 
-def compound_fixed_part(task: UnderstandingTask, tokens: ConceptPromptTokens) -> str:
-    """The part of CP that is never cut: BP (visual) or the expanded IP (text)."""
+def released_fixed_part(task: UnderstandingTask, tokens: ConceptPromptTokens) -> str:
+    """grpo.py's CP before the IR: ``"A photo of <tokens><c>.\\n" + info`` (visual) or, the prompt split at its first
+    ``<c>``, ``before + " " + <tokens><c> + " " + after + "." + info`` (text)."""
     tokens = as_prompt_tokens(tokens)
+    phrase = "".join(tokens.understanding + tokens.generation) + tokens.concept
+    if task.kind == "visual":
+        return f"A photo of {phrase}.\n" + task.profile
+    parts = task.gen_prompt.split(tokens.concept, 1)
+    before, after = (parts[0].strip(), parts[1].strip()) if len(parts) == 2 else (task.gen_prompt, "")
+    return f"{before} {phrase} {after}." + task.profile
+
+
+def released_ir(answer_text: str, class_word: str, concept: str) -> str:
+    """grpo.py's IR post-processing: class word → ``<c>``, the first line, up to the first "." (else "!", else
+    "?"), box markers removed, "" if it says "empty"."""
+    text = clean_ir(answer_text).replace(class_word, concept) if class_word else clean_ir(answer_text)
+    if text:
+        line = text.split("\n", 1)[0]
+        for punc in (".", "!", "?"):
+            end = line.find(punc)
+            if end != -1:
+                line = line[:end + 1]
+                break
+        text = line
+    text = text.replace("<|begin_of_box|>", "").replace("<|end_of_box|>", "")
+    return "" if "empty" in text else text
+
+
+def compound_fixed_part(task: UnderstandingTask, tokens: ConceptPromptTokens) -> str:
+    """The part of CP that is never cut: released style :func:`released_fixed_part`; SFT style BP (visual) or the
+    expanded IP (text)."""
+    tokens = as_prompt_tokens(tokens)
+    if task.style == "released":
+        return released_fixed_part(task, tokens)
     if task.kind == "visual":
         return base_prompt(tokens)
     fixed = expand_concept(task.gen_prompt.strip(), tokens)
@@ -215,18 +302,18 @@ def text_budget(max_text_len: int = 128) -> int:
     return max_text_len - 2
 
 
-def fit_to_budget(tokenizer: TextTokenizer, fixed: str, ir: str, budget: int) -> tuple[str, bool]:
-    """``fixed + " " + ir`` within ``budget`` tokens; (text, cut). IR is cut at a token boundary; the fixed
+def fit_to_budget(tokenizer: TextTokenizer, fixed: str, ir: str, budget: int, sep: str = " ") -> tuple[str, bool]:
+    """``fixed + sep + ir`` within ``budget`` tokens; (text, cut). IR is cut at a token boundary; the fixed
     part never. ValueError when the fixed part alone exceeds the budget."""
     n_fixed = len(tokenizer.encode(fixed))
     if n_fixed > budget:
         raise ValueError(f"compound prompt: the fixed part alone is {n_fixed} tokens > budget {budget}: {fixed!r}")
     if not ir:
         return fixed, False
-    full = f"{fixed} {ir}"
+    full = f"{fixed}{sep}{ir}"
     if len(tokenizer.encode(full)) <= budget:
         return full, False
-    ir_ids = tokenizer.encode(" " + ir)
+    ir_ids = tokenizer.encode(sep + ir)
     k = min(len(ir_ids), budget - n_fixed + 1)
     while k > 0:
         text = (fixed + tokenizer.decode(ir_ids[:k]).replace("\ufffd", "")).rstrip()
@@ -238,17 +325,25 @@ def fit_to_budget(tokenizer: TextTokenizer, fixed: str, ir: str, budget: int) ->
 
 def build_compound_prompt(task: UnderstandingTask, ir: str, tokens: ConceptPromptTokens,
                           tokenizer: TextTokenizer, budget: int | None = None) -> tuple[str, bool]:
-    """CP = fixed part + " " + clean IR, fitted to ``budget`` (default :func:`text_budget`); (text, cut)."""
-    return fit_to_budget(tokenizer, compound_fixed_part(task, tokens), clean_ir(ir),
-                         text_budget() if budget is None else budget)
+    """CP = fixed part + IR, fitted to ``budget`` (default :func:`text_budget`); (text, cut). Released style: the
+    IR of :func:`released_ir` appended directly; SFT: the clean IR after a space."""
+    budget = text_budget() if budget is None else budget
+    fixed = compound_fixed_part(task, tokens)
+    if task.style == "released":
+        concept = as_prompt_tokens(tokens).concept
+        return fit_to_budget(tokenizer, fixed, released_ir(ir, task.class_word, concept), budget, sep="")
+    return fit_to_budget(tokenizer, fixed, clean_ir(ir), budget)
 
 
-def reward_prompt(prompt: str, tokens: ConceptPromptTokens, class_word: str) -> str:
-    """The prompt as reward experts see it (D8): concept tokens stripped, ``<c>`` → class word."""
+def reward_prompt(prompt: str, tokens: ConceptPromptTokens, class_word: str, style: str = "sft") -> str:
+    """The prompt as reward experts see it. SFT style (D8): concept tokens stripped, ``<c>`` → class word, spaces
+    collapsed. Released style: grpo.py's ``remove_token(condition)``, i.e. only the ``<token_i>`` strings removed."""
     tokens = as_prompt_tokens(tokens)
     out = prompt
     for t in sorted(tokens.all_tokens(), key=len, reverse=True):
         out = out.replace(t, "")
+    if style == "released":
+        return out
     out = out.replace(tokens.concept, class_word)
     return " ".join(out.split())
 

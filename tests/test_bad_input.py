@@ -194,11 +194,86 @@ def data_unknown_concept(sample, tmp):
 
 def data_missing_answer_item(sample, tmp):
     root = _copy(sample, tmp)
-    path = root / "concept" / "train" / "cuppa" / "reasoning.json"
-    items = json.loads(path.read_text())
-    items[0]["answer_index"] = 99
-    path.write_text(json.dumps(items))
+    path = root / "concept" / "train" / "cuppa" / "reasoning.json"   # the optional override
+    path.write_text(json.dumps([{"prompt": "A photo of <cuppa> on a table.", "answer_index": 99}]))
     load_concept_dataset(root)
+
+
+def _edit(path, fn):
+    path.write_text(json.dumps(fn(json.loads(path.read_text()))))
+
+
+def data_info_wrong_type(sample, tmp):
+    root = _copy(sample, tmp)
+    (root / "concept" / "train" / "chelsea" / "info.json").write_text('["not", "an", "object"]')
+    load_concept_dataset(root)
+
+
+def data_extra_info_wrong_type(sample, tmp):
+    root = _copy(sample, tmp)
+    _edit(root / "concept" / "train" / "chelsea" / "info.json", lambda d: {**d, "extra_info": "one fact"})
+    load_concept_dataset(root)
+
+
+def data_empty_extra_info_with_text_tasks(sample, tmp):
+    from rl.data import check_training_use
+
+    root = _copy(sample, tmp)
+    _edit(root / "concept" / "train" / "cuppa" / "info.json", lambda d: {**d, "extra_info": []})
+    check_training_use(load_concept_dataset(root), text_task_ratio=0.5)
+
+
+def data_no_usable_reference(sample, tmp):
+    root = _copy(sample, tmp)
+    _edit(root / "concept" / "train" / "train_images.json", lambda d: {**d, "astro": ["gone.png"]})
+    load_concept_dataset(root)
+
+
+def data_truncated_image(sample, tmp):
+    root = _copy(sample, tmp)
+    img = root / "concept" / "train" / "train_images.json"
+    ref = root / "concept" / "train" / "chelsea" / "cropped" / "3.png"
+    ref.write_bytes(ref.read_bytes()[:-40])   # the IEND chunk and the end of the pixel data cut off
+    assert img.exists()
+    load_concept_dataset(root)
+
+
+def data_not_utf8(sample, tmp):
+    root = _copy(sample, tmp)
+    path = root / "concept" / "train" / "astro" / "conversations.json"
+    path.write_bytes(path.read_text().replace("spacesuit", "spacesuit\u00e9").encode("latin-1"))
+    load_concept_dataset(root)
+
+
+def data_unsafe_concept_name(sample, tmp):
+    root = _copy(sample, tmp)
+    (root / "concepts_list.json").write_text(json.dumps(["astro", "../x"]))
+    load_concept_dataset(root)
+
+
+def data_category_not_derivable(sample, tmp):
+    root = _copy(sample, tmp)
+    _edit(root / "concept" / "train" / "cuppa" / "info.json",
+          lambda d: {k: v for k, v in d.items() if k not in ("conversation_type", "generation_type")})
+    load_concept_dataset(root)
+
+
+def data_t2i_conditions_wrong_type(sample, tmp):
+    root = _copy(sample, tmp)
+    (root / "concept" / "test" / "chelsea" / "t2i_conditions.json").write_text('"A photo of <chelsea>."')
+    load_concept_dataset(root)
+
+
+def data_test_item_unknown_type(sample, tmp):
+    root = _copy(sample, tmp)
+    _edit(root / "test_data" / "astro.json", lambda d: d[:1] + [{**d[0], "type": "caption"}])
+    load_concept_dataset(root, include_test=True)
+
+
+def eval_prompts_to_eval_missing(sample, tmp):
+    from rl.eval_items import resolve_prompts_to_eval
+
+    resolve_prompts_to_eval(str(tmp / "prompts_to_eval.json"), sample)
 
 
 def human_without_face(sample, tmp):
@@ -247,6 +322,18 @@ CASES = [
     ("data: huge image", data_huge_image, DatasetError, ".png"),
     ("data: unknown concept", data_unknown_concept, DatasetError, "nobody"),
     ("data: reasoning answer item missing", data_missing_answer_item, DatasetError, "reasoning.json"),
+    ("data: info.json not an object", data_info_wrong_type, DatasetError, "info.json: expected a JSON object"),
+    ("data: extra_info not a list", data_extra_info_wrong_type, DatasetError, "'extra_info' must be a list"),
+    ("data: empty extra_info with text tasks on", data_empty_extra_info_with_text_tasks, DatasetError,
+     "'extra_info' is empty"),
+    ("data: no usable reference image", data_no_usable_reference, DatasetError, "train_images.json"),
+    ("data: truncated image", data_truncated_image, DatasetError, "3.png"),
+    ("data: non-UTF-8 text", data_not_utf8, DatasetError, "not UTF-8"),
+    ("data: unsafe concept name", data_unsafe_concept_name, DatasetError, "'../x' is not allowed"),
+    ("data: category not derivable", data_category_not_derivable, DatasetError, "category"),
+    ("data: t2i_conditions of the wrong type", data_t2i_conditions_wrong_type, DatasetError, "t2i_conditions.json"),
+    ("data: test_data item of unknown type", data_test_item_unknown_type, DatasetError, "'caption'"),
+    ("eval: prompts_to_eval path missing", eval_prompts_to_eval_missing, DatasetError, "prompts_to_eval"),
     ("data: human concept without a face in its references", human_without_face, ValueError, "astro"),
     ("rewards: expert returns NaN", expert_returns_nan, NonFiniteScoreError, "ber"),
     ("rewards: images of the wrong dtype", score_batch_wrong_dtype, ValueError, "images"),

@@ -118,14 +118,16 @@ def env(tmp_path_factory):
 
 
 def test_held_out_reasoning_pairs_and_item_lists(env, tmp_path):
-    from rl.evaluate import gen_prompts, rec_items, test_reasoning
+    from rl.eval_items import read_prompts_to_eval
+    from rl.evaluate import pure_gen_prompts, rec_items, test_reasoning
 
-    rea, left = test_reasoning(env.ds, "astro")
-    assert [(r.prompt, r.answer_index) for r in rea] == [("A photo of <astro> at work.", 4)]
-    assert left == ["A photo of <astro> in a sunny garden."]
-    prompts = gen_prompts(env.ds, "astro", left)
-    assert prompts[:2] == ["A photo of <astro>.", "A photo of <astro> in a sunny garden."]
-    assert prompts[2:] == ["a <astro> in the snow", "a <astro> on the beach", "a <astro> wearing a red hat"]
+    rea = test_reasoning(env.ds, "astro")   # the held-out half of t2i_conditions, index-paired with extra_info
+    assert [(r.prompt, r.answer_index) for r in rea] == [("A photo of <astro> at her birthday party.", 3),
+                                                         ("A photo of <astro> at work.", 4),
+                                                         ("A photo of <astro> with her pet.", 5)]
+    dreambench = read_prompts_to_eval(env.root / "prompts_to_eval.json")
+    prompts = pure_gen_prompts(env.ds.concept("astro").info, dreambench)   # exactly the list, nothing mixed in
+    assert prompts == ["a <astro> in the snow", "a <astro> on the beach", "a <astro> wearing a red hat"]
     rec = rec_items(env.ds, "chelsea")
     assert [r.path.parent.name for r, y in rec if y] == ["chelsea", "chelsea"]
     negs = [(r.path.parent.name, r.name) for r, y in rec if not y]
@@ -141,14 +143,16 @@ def test_evaluate_writes_json_markdown_grid_and_is_deterministic(env, tmp_path):
     assert set(data["concepts"]) == {"astro", "chelsea", "cuppa"} and data["step"] == 7
     for name, r in data["concepts"].items():
         m = r["metrics"]
-        assert r["counts"] == {"rec_pos": 1, "rec_neg": 1, "vqa": 1, "qa": 1, "rea": 1, "images": 2}, name
+        photo = 1 if r["category"] == "human" else 0   # face: the released "A photo of <c>." images
+        assert r["counts"] == {"rec_pos": 1, "rec_neg": 1, "vqa": 1, "qa": 1, "choice": 0, "rea": 1,
+                               "images": 2 + photo}, name
         for key in ("rec", "vqa", "qa", "rea", "pure_gen_clip_i", "pure_gen_clip_t", "rea_gen_clip_i",
                     "rea_gen_clip_t"):
             assert m[key] is not None and math.isfinite(m[key]), (name, key)
         assert m["dense_rea"] is None and m["dense_gen"] is None
         for it in r["items"]["vqa"] + r["items"]["qa"] + r["items"]["rea"]:   # the metric is the BLEU of the item
             assert it["bleu"] == pytest.approx(M.bleu(it["reference"], it["answer"]))
-        assert [g["kind"] for g in r["items"]["generation"]] == ["pure", "rea"]
+        assert [g["kind"] for g in r["items"]["generation"]] == ["pure"] + ["photo"] * photo + ["rea"]
         assert (tmp_path / "out" / r["items"]["generation"][0]["file"]).is_file()
     astro = data["concepts"]["astro"]
     assert astro["category"] == "human" and "face" in astro["notes"]     # random model: no face in its images
@@ -159,10 +163,10 @@ def test_evaluate_writes_json_markdown_grid_and_is_deterministic(env, tmp_path):
     assert md.count("not computed") >= 8 and "| astro |" in md and "| **mean** |" in md
     grid = Image.open(paths["grid"])
     cell = env.cfg.eval.grid_cell
-    assert grid.size == (2 * cell, 3 * (cell + 28))
+    assert grid.size == (3 * cell, 3 * (cell + 28))
     # the eval's CLIP-I of a generated image = the hand computation from the returned image
     img = res["concepts"]["cuppa"]["_images"][:1]
-    refs = [r.load() for r in env.ds.concept("cuppa").train.images]
+    refs = [r.load() for r in env.ds.concept("cuppa").train.references]
     with torch.no_grad():
         f = env.scorers.clip.image_features(img).double().numpy()
         fr = env.scorers.clip.image_features(refs).double().numpy()
@@ -239,7 +243,7 @@ def test_launch_evaluate_cli(env, tmp_path, capsys):
 
     rc = main(["--config", "tiny_cpu", "--out", str(tmp_path / "ev"), "--limit", "1", "--concepts", "cuppa",
                f"data.root={env.root}", "sampler.timesteps=2", "dsog.screen_step=1", "eval.max_new_tokens=4",
-               "eval.face=false", "eval.use_eval_prompts=false"])
+               "eval.face=false", f"eval.prompts_to_eval={env.root / 'prompts_to_eval.json'}"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| cuppa |" in printed and "not computed" in printed

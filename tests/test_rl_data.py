@@ -54,7 +54,11 @@ def test_sample_dataset_test_split_both_t2i_forms(sample_root):
         prompts = c.test.t2i_conditions["personalized_driven_generation"]
         assert prompts and all(c.info.token in p for p in prompts)
         assert c.test.vqa and c.test.text_only and len(c.test.images) == 2
-    assert set(ds.eval_prompts) == {"object", "live_subject"}
+    from rl.eval_items import read_prompts_to_eval
+
+    assert set(read_prompts_to_eval(sample_root / "prompts_to_eval.json")) == {"object", "live_subject"}
+    assert [it.type for it in ds.concept("astro").test.items][:2] == ["rec", "rec"]
+    assert ds.concept("cuppa").test.items is None   # no test_data/cuppa.json: vqa.json / text_only.json are used
 
 
 def test_sample_data_deterministic_and_force(tmp_path, sample_root):
@@ -121,7 +125,8 @@ def test_unknown_concept(copy):
 
 
 def test_missing_answer_item(copy):
-    p = copy / "concept/train/astro/reasoning.json"
+    p = copy / "concept/train/astro/reasoning.json"   # the optional override of the t2i_conditions pairing
+    p.write_text(json.dumps([{"prompt": f"A photo of <astro> {k}.", "answer_index": k} for k in range(4)]))
     _edit_json(p, lambda d: d + [{"prompt": "A photo of <astro> swimming.", "answer_index": 9}])
     with pytest.raises(DatasetError, match=r"reasoning\.json: field \[4\]\.'answer_index'=9"):
         load_concept_dataset(copy)
@@ -136,9 +141,10 @@ def test_missing_answer_item(copy):
 def test_answer_text_form_accepted(copy):
     p = copy / "concept/train/chelsea/reasoning.json"
     info = json.loads((copy / "concept/train/chelsea/info.json").read_text())
-    _edit_json(p, lambda d: [{"prompt": "A photo of <chelsea> outdoors.", "answer": info["extra_info"][0]}])
+    p.write_text(json.dumps([{"prompt": "A photo of <chelsea> outdoors.", "answer": info["extra_info"][1]}]))
     ds = load_concept_dataset(copy, ["chelsea"])
-    assert ds.concept("chelsea").train.reasoning[0].answer_index == 0
+    assert ds.concept("chelsea").train.reasoning[0].answer_index == 1
+    assert ds.concept("chelsea").train.reasoning_source == "reasoning.json"
 
 
 def test_bad_info_fields(copy):
@@ -154,16 +160,19 @@ def test_bad_info_fields(copy):
         load_concept_dataset(copy)
 
 
-def test_conversation_key_must_match_an_image(copy):
+def test_conversation_key_matching_as_released(copy, caplog):
+    """grpo.py gives an image the first key that is a substring of its path; keys matching nothing are unused."""
     _edit_json(copy / "concept/train/astro/conversations.json", lambda d: {**d, "17.png": d["0.png"]})
-    with pytest.raises(DatasetError, match="key '17.png' matches no training image"):
-        load_concept_dataset(copy)
+    with caplog.at_level("WARNING"):
+        ds = load_concept_dataset(copy, ["astro"])
+    assert "'17.png'" in caplog.text and "unused" in caplog.text
+    assert sorted(ds.concept("astro").train.conversations) == ["0.png", "1.png", "2.png", "3.png", "4.png"]
 
 
 def test_test_split_only_read_when_asked(copy):
-    shutil.rmtree(copy / "concept/test/astro")
+    shutil.rmtree(copy / "concept/test/cuppa")   # cuppa has no test_data/cuppa.json either
     load_concept_dataset(copy)
-    with pytest.raises(DatasetError, match="test folder of concept 'astro' is missing"):
+    with pytest.raises(DatasetError, match="test folder of concept 'cuppa' is missing"):
         load_concept_dataset(copy, include_test=True)
 
 

@@ -1,4 +1,5 @@
-"""Understanding tasks, understanding / compound prompts, the D9 budget and reward prompts."""
+"""Understanding tasks, understanding / compound prompts, the D9 budget and reward prompts (SFT style; the released
+style is checked against the released code's logic in tests/test_released_layout.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -66,7 +67,7 @@ def test_sample_task_errors(ds):
     saved = ds.concept("astro").train.reasoning
     ds.concept("astro").train.reasoning = []
     try:
-        with pytest.raises(DatasetError, match="reasoning.json"):
+        with pytest.raises(DatasetError, match="t2i_conditions.json"):
             sample_task(ds, "astro", np.random.default_rng(0), text_ratio=1.0)
     finally:
         ds.concept("astro").train.reasoning = saved
@@ -93,8 +94,8 @@ def test_prompt_tokens_names():
 def test_understanding_prompts_carry_concept_tokens(ds, tok_and_tokens):
     tok, astro, _ = tok_and_tokens
     rng = np.random.default_rng(3)
-    vis = sample_task(ds, "astro", rng, text_ratio=0.0)
-    txt = sample_task(ds, "astro", rng, text_ratio=1.0)
+    vis = sample_task(ds, "astro", rng, text_ratio=0.0, style="sft")
+    txt = sample_task(ds, "astro", rng, text_ratio=1.0, style="sft")
     pv = build_understanding_prompt(vis, astro)
     pt = build_understanding_prompt(txt, astro)
     prefix = "<astro> is " + "".join(f"<token_{i}>" for i in range(16)) + "."
@@ -111,12 +112,12 @@ def test_understanding_prompts_carry_concept_tokens(ds, tok_and_tokens):
 def test_compound_prompts(ds, tok_and_tokens):
     tok, astro, chelsea = tok_and_tokens
     rng = np.random.default_rng(4)
-    vis = sample_task(ds, "astro", rng, text_ratio=0.0)
+    vis = sample_task(ds, "astro", rng, text_ratio=0.0, style="sft")
     cp, cut = build_compound_prompt(vis, "<astro> is wearing an orange spacesuit.<|endoftext|>", astro, tok)
     assert not cut
     assert cp == base_prompt(astro) + " <astro> is wearing an orange spacesuit."
     assert cp.startswith("A photo of <token_0><token_1>") and "<token_23> <astro>." in cp
-    txt = sample_task(ds, "chelsea", rng, text_ratio=1.0)
+    txt = sample_task(ds, "chelsea", rng, text_ratio=1.0, style="sft")
     cp2, _ = build_compound_prompt(txt, txt.reference, chelsea, tok)
     phrase = "".join(f"<chelsea_token_{i}>" for i in range(24)) + " <chelsea>"
     assert cp2.startswith(txt.question.replace("<chelsea>", phrase, 1).rstrip("."))
@@ -126,7 +127,7 @@ def test_compound_prompts(ds, tok_and_tokens):
 
 def test_long_ir_is_cut_not_concept_tokens(ds, tok_and_tokens):
     tok, astro, _ = tok_and_tokens
-    task = sample_task(ds, "astro", np.random.default_rng(5), text_ratio=0.0)
+    task = sample_task(ds, "astro", np.random.default_rng(5), text_ratio=0.0, style="sft")
     long_ir = " ".join(["<astro> is wearing a bright orange spacesuit with many colourful patches"] * 20)
     budget = text_budget(128)
     assert budget == 126
@@ -186,7 +187,7 @@ def test_clean_ir_and_reward_prompt(tok_and_tokens):
 
 def test_accepts_tokenizer_concept_tokens(ds, tok_and_tokens):
     tok, astro, _ = tok_and_tokens
-    task = sample_task(ds, "astro", np.random.default_rng(6), text_ratio=0.0)
+    task = sample_task(ds, "astro", np.random.default_rng(6), text_ratio=0.0, style="sft")
     ct = tok.concepts["astro"]
     assert build_understanding_prompt(task, ct) == build_understanding_prompt(task, astro)
     assert build_compound_prompt(task, "hi", ct, tok) == build_compound_prompt(task, "hi", astro, tok)
