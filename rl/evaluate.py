@@ -293,7 +293,7 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
                 metrics["face"] = float(np.mean(sc))
             else:
                 notes["face"] = f"no face detected in the {len(pure)} '{PHOTO_PROMPT}' image(s)"
-    _judge(scorers.judge, tasks, a_rea, gen, images, metrics, notes, bool(dense))
+    _judge(scorers.judge, tasks, a_rea, gen, images, metrics, notes, bool(dense), info)
     metrics.update(rec_pos_acc=recog["pos_acc"], rec_neg_acc=recog["neg_acc"], rec_acc=recog["acc"])
     if items["choice"]:
         metrics["choice"] = M.mean_or_none(float(x["correct"]) for x in items["choice"])
@@ -303,7 +303,7 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
             "notes": notes, "items": {**items, "generation": gen}, "_images": images, "_codes": codes}
 
 
-def _judge(judge, tasks, answers, gen, images, metrics, notes, has_dense: bool) -> None:
+def _judge(judge, tasks, answers, gen, images, metrics, notes, has_dense: bool, info) -> None:
     metrics["dense_rea"] = metrics["dense_gen"] = None
     if judge is None:
         notes["judge"] = "not computed: no judge configured (eval.judge)"
@@ -314,7 +314,14 @@ def _judge(judge, tasks, answers, gen, images, metrics, notes, has_dense: bool) 
     kind = "dense" if has_dense else "rea"
     per_image = []
     for i, g in enumerate(gen):
-        if g["kind"] == kind:
+        if g["kind"] == kind and hasattr(judge, "image_score"):   # the released 4o judge: whole image vs prompt
+            from rl.judge_openai import concept_info_text
+
+            block = concept_info_text(info.name, info.info, info.extra_info)
+            g["judge"] = check_judge_score(judge.image_score(images[i], g["clip_text"], block), judge.name,
+                                           "image_score")
+            per_image.append(g["judge"])
+        elif g["kind"] == kind:
             segs = M.segment_prompt(g["clip_text"])
             vals = [check_judge_score(v, judge.name, "segment_scores") for v in judge.segment_scores(images[i], segs)]
             if len(vals) != len(segs):

@@ -1,8 +1,10 @@
 """Pluggable judges for the judged UnifyBench++ metrics (Dense Rea., Dense Gen.); none by default, never required.
 
-The paper scores these with GPT-4o. This service ships no judge (no network, no API keys): a deployment registers
-one (an LLM/VLM client, a local VLM, ...) and names it in ``eval.judge``; without one the metrics are reported as
-"not computed". A judge is any object with the :class:`Judge` methods:
+The paper scores these with GPT-4o. The service ships one judge, ``"openai"`` (:mod:`rl.judge_openai`: any
+OpenAI-compatible chat-completions endpoint, GPT-4o or a local VLM server, with the released judge prompts); others
+can be registered. Without ``eval.judge`` the metrics are reported as "not computed". A judge is any object with the
+:class:`Judge` methods (a judge that also has ``image_score(image, prompt, concept_info)`` scores each Dense Gen.
+image as a whole against its prompt and the concept's profile, as the released 4o judge does):
 
 * ``answer_score(question, answer, reference) -> float`` in [0, 1]: Dense Rea. (the model's reasoning answer
   against the correct fact);
@@ -63,6 +65,10 @@ def build_judge(name: str | None, **options: Any) -> Judge | None:
     """The judge registered as ``name`` (None / "" / "none" → None). Unknown names are a ValueError."""
     if name is None or name in ("", "none"):
         return None
+    if name == "openai" and name not in _REGISTRY:   # built in, imported on first use
+        from rl.judge_openai import OpenAIJudge
+
+        register_judge("openai", OpenAIJudge)
     if name not in _REGISTRY:
         raise ValueError(f"eval.judge: unknown judge {name!r}; registered: {judge_names() or 'none'} "
                          "(register one with rl.judge.register_judge)")

@@ -264,7 +264,8 @@ def released_fixed_part(task: UnderstandingTask, tokens: ConceptPromptTokens) ->
 def released_ir(answer_text: str, class_word: str, concept: str) -> str:
     """grpo.py's IR post-processing: class word → ``<c>``, the first line, up to the first "." (else "!", else
     "?"), box markers removed, "" if it says "empty"."""
-    text = clean_ir(answer_text).replace(class_word, concept) if class_word else clean_ir(answer_text)
+    text = _SPECIAL.sub("", answer_text).strip()   # as decode(skip_special_tokens=True).strip(): lines kept
+    text = text.replace(class_word, concept) if class_word else text
     if text:
         line = text.split("\n", 1)[0]
         for punc in (".", "!", "?"):
