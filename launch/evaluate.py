@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from rl.evaluate import evaluate_policy, write_eval_outputs
 
     cfg = load_cli_config(args.config, args.overrides, args.checkpoint)
-    prepare(cfg)
+    prepare(cfg, training=False)
     # the policy's concepts are the run's (cfg.data.concepts); --concepts only selects which are evaluated
     dataset = load_dataset(cfg.data, include_test=True)
     policy, _ = load_cli_policy(cfg, args.checkpoint, args.device, dataset=dataset)

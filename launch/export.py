@@ -32,7 +32,7 @@ def export_run(run: str, out: str, config: str | None = None, overrides: list[st
     kind, path = resolve_checkpoint(run)
     cfg = load_cli_config(config, list(overrides or []), run)
     if kind != "export":
-        prepare(cfg)
+        prepare(cfg, training=False)
     policy, dataset = load_cli_policy(cfg, run, device)
     words = {n: c.info.class_word for n, c in dataset.concepts.items()} if dataset is not None else None
     if kind == "export":

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from backbone.export import resolve_checkpoint
 
     if args.checkpoint is None or resolve_checkpoint(args.checkpoint)[0] != "export":
-        prepare(cfg)
+        prepare(cfg, training=False)
     policy, _ = load_cli_policy(cfg, args.checkpoint, args.device)
     rec = generate_to_dir(policy, args.prompt, args.out, concept=args.concept, num=args.num, seed=args.seed,
                           sampler_cfg=cfg.sampler, model_cfg=cfg.model, max_text_len=cfg.rollout.max_text_len,

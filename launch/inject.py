@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from launch.train import prepare
 
     cfg = load_inject_config(args.config, args.overrides)
-    prepare(cfg)
+    prepare(cfg, training=False)
     start_ray_from_config(cfg.ray)
     summary = run_injection(cfg)
     log.info("injection finished in %.1fs; outputs in %s", summary["seconds"], cfg.run_dir)

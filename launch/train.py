@@ -32,9 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare(cfg):
-    """Make paths absolute, create the sample dataset when the config asks for it, then load and check the dataset
-    (every file, every image) before Ray starts or the run folder exists; returns the loaded dataset."""
+def prepare(cfg, training: bool = True):
+    """Make paths absolute, create the sample dataset when the config asks for it, then (``training``) load and
+    check the training dataset (every file, every image) before Ray starts or the run folder exists; returns the
+    loaded dataset (None when not ``training``)."""
     from rl.data import check_training_use, load_dataset
     from rl.sample_data import write_sample_dataset
 
@@ -46,6 +47,8 @@ def prepare(cfg):
                                     "or data.make_sample_if_missing=true")
         log.info("creating the sample dataset at %s", cfg.data.root)
         write_sample_dataset(cfg.data.root)
+    if not training:
+        return None
     dataset = load_dataset(cfg.data)
     check_training_use(dataset, cfg.data.text_task_ratio)
     log.info("dataset %s: %s", cfg.data.root, ", ".join(
