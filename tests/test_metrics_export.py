@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 import uuid
@@ -21,12 +22,16 @@ METRICS = {"step": 0, "reward/total": 0.5, "reward/der": 0.7, "reward/std": 0.1,
 
 
 def test_jsonl_tensorboard_line_and_resume_truncation(tmp_path):
-    logger = MetricsLogger(tmp_path, ray_metrics=False)
+    logger = MetricsLogger(tmp_path, ray_metrics=False, total_steps=5)
     for step in range(3):
         logger.log(dict(METRICS, step=step, **{"reward/total": 0.1 * step}))
-    line = logger.line(dict(METRICS, step=2))
+    line = logger.line(dict(METRICS, step=2, concepts="astro,chelsea"))
     header, row = line.splitlines()
-    assert header.split()[:3] == ["step", "reward", "adv_sd"] and row.split()[:2] == ["2", "0.5000"]
+    assert header.split()[:3] == ["step", "reward", "adv_sd"] and row.split()[:2] == ["3/5", "0.5000"]
+    assert header.split()[-4:] == ["elapsed", "eta", "time", "concept"]
+    elapsed, eta, clock, concept = row.split()[-4:]
+    assert re.fullmatch(r"\d+:\d\d:\d\d", elapsed) and re.fullmatch(r"\d+:\d\d:\d\d", eta)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", clock) and concept == "astro,chelsea"
     assert "-" in row.split()   # NaN threshold is shown as '-'
     assert "\n" not in logger.line(METRICS)
     logger.close()
