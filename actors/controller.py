@@ -72,7 +72,7 @@ class Trainer:
         from actors.placement import RolePlacement
         from actors.reward_serve import deploy_rewards
         from actors.rollout import RolloutWorker
-        from actors.setup_log import role_line, watch_reward_replicas
+        from actors.setup_log import concept_checkpoint_lines, role_line, watch_reward_replicas
         from rl.data import load_concept_dataset
 
         cfg = self.cfg
@@ -80,6 +80,8 @@ class Trainer:
         self.dataset = load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None)
         self.concepts = sorted(self.dataset.concepts)
         log.info("dataset %s: %d concepts (%s)", cfg.data.root, len(self.concepts), ", ".join(self.concepts))
+        for line in concept_checkpoint_lines(cfg.model, list(self.dataset.concepts)):
+            log.info("%s", line)
         self.placement = RolePlacement(cfg)
         t = time.perf_counter()
         deploy_rewards(cfg.serve, data_root=cfg.data.root)

@@ -79,3 +79,16 @@ def watch_reward_replicas(serve_cfg):
         return sum(r["state"] == "RUNNING" for r in replicas(serve_cfg, expert))
 
     return reward_metrics.watch_replicas(running, list(serve_cfg.enabled))
+
+
+def concept_checkpoint_lines(model_cfg, concepts: list[str]) -> list[str]:
+    """One line per concept naming the concept checkpoint the policy loads (directory, epoch, rows, token strings),
+    or a line saying the rows start from their default init. ``concepts`` in the policy's order."""
+    from backbone.build import _concept_dir
+    from backbone.concepts import concept_token_strings, describe_concept_checkpoint
+
+    if model_cfg.concept_checkpoint_dir is None:
+        return [f"concept rows of {', '.join(concepts)}: default init (no model.concept_checkpoint_dir)"]
+    strs = concept_token_strings(list(concepts), model_cfg.num_concept_tokens)
+    return [describe_concept_checkpoint(c, _concept_dir(model_cfg, c, len(concepts)),
+                                        model_cfg.concept_checkpoint_epoch, strs[c]) for c in concepts]

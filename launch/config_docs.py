@@ -1,5 +1,6 @@
 """Print the Markdown config reference, generated from the config dataclasses' field docstrings.
 
+examples:
     python -m launch.config_docs                 # every key of TrainConfig: dotted key, type, default, doc
     python -m launch.config_docs --metrics       # also the per-step metrics table
     python -m launch.config_docs -o docs/config.md
@@ -155,7 +156,8 @@ def metrics_markdown() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entrypoint: print (or write) the Markdown reference."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launch.config_docs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metrics", action="store_true", help="append the per-step metrics table")
     parser.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
     args = parser.parse_args(argv)

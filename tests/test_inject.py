@@ -252,3 +252,47 @@ def test_inject_job_then_grpo_rollout_on_the_checkpoint(root, tmp_path, ray_clus
     res = RolloutEngine(gcfg, policy, ds, local_scorer(gcfg, ds)).generate_group(
         GroupRequest(step=0, prompt_index=0, concept=CONCEPT, threshold=None))
     assert len(res.samples) == 2 and all(np.isfinite(s.reward) for s in res.samples)
+
+
+
+@pytest.mark.slow
+def test_inject_then_grpo_job_with_the_printed_command(root, tmp_path, ray_cluster, capsys, caplog):
+    """The chain as an operator runs it: the injection job prints a `python -m launch.train` line; that line, run
+    unchanged (plus a shorter run), trains on the injected rows and logs which checkpoint it loaded."""
+    import logging
+    import shlex
+
+    from launch.inject import main as inject_main
+    from launch.train import main as train_main
+
+    torch.set_num_threads(1)
+    ov = [f"data.root={root}", f"run.output_root={tmp_path}", "run.name=inj2", "inject.stages=[stage1,stage2]",
+          "model.num_stage3_tokens=0", "inject.stage1.epochs=1", "inject.stage1.save_every=1",
+          "inject.stage2.epochs=1", "inject.stage2.save_every=1", "run.tensorboard=false"]
+    assert inject_main(["--config", "inject_tiny", *ov]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("GRPO job: ")]
+    assert len(printed) == 1
+    argv = shlex.split(printed[0][len("GRPO job: "):])
+    assert argv[:4] == ["python", "-m", "launch.train", "--config"]
+    assert f"data.concepts=[{CONCEPT}]" in argv and f"data.root={root}" in argv
+    summary = json.loads((tmp_path / "inj2" / "inject_summary.json").read_text())
+    assert (tmp_path / "inj2" / "grpo_overrides.txt").read_text().split() == summary["grpo_overrides"]
+    caplog.set_level(logging.INFO)
+    short = [f"run.output_root={tmp_path}", "run.name=grpo", "run.steps=1", "run.image_grid_every=0",
+             "rollout.group_size=2", "sampler.timesteps=4", "dsog.screen_step=2", "rollout.answer_max_new_tokens=4",
+             "objective.max_answer_tokens=4", f"serve.http_port={_free_port()}"]
+    assert train_main(argv[3:] + short) == 0
+    ckpt = summary["grpo_overrides"][0].split("=", 1)[1]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("concept checkpoint for")]
+    assert lines and ckpt in lines[0] and "epoch 1" in lines[0] and "25 rows" in lines[0], lines
+    assert "<chelsea> <token_0>" in lines[0] or f"<{CONCEPT}> <token_0>" in lines[0]
+    recs = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0] and recs[0]["concepts"] == CONCEPT
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
