@@ -5,8 +5,9 @@ numeric key, ``section/name``, at the 0-based step), the whole config once, the 
 Both default to offline stores inside the run folder, so nothing leaves the machine unless asked:
 
 - wandb: ``mode: offline`` into ``<run>/wandb`` (``wandb sync <run>/wandb/offline-run-*`` uploads later);
-- MLflow: a file store at ``<run>/mlflow`` (``mlflow ui --backend-store-uri <run>/mlflow`` shows it), or any
-  tracking URI in ``run.tracker.mlflow_tracking_uri``.
+- MLflow: a file store at ``<run>/mlflow`` (``mlflow ui --backend-store-uri <run>/mlflow`` shows it; MLflow 3
+  keeps that store behind ``MLFLOW_ALLOW_FILE_STORE=true``, which the tracker sets), or any tracking URI in
+  ``run.tracker.mlflow_tracking_uri``.
 
 Neither package is a dependency of the core install (``pip install -e '.[trackers]'``). Asking for one that is not
 installed is a config error before any work starts; a tracker that fails during the run is logged and disabled,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ class TrackerConfig:
     wandb_mode: str = "offline"
     """wandb mode: offline (local files only, default), online (needs a login and network) or disabled."""
     wandb_dir: str | None = None
-    """Folder of wandb's files; None = ``<run>/wandb``."""
+    """Folder wandb writes its ``wandb/`` folder into; None = the run folder (files in ``<run>/wandb/``)."""
     mlflow_tracking_uri: str | None = None
     """MLflow tracking URI; None = a file store at ``<run>/mlflow``."""
 
@@ -106,12 +108,12 @@ class WandbTracker(Tracker):
         import wandb
 
         self._wandb = wandb
-        folder = Path(cfg.wandb_dir or Path(run_dir) / "wandb")
+        folder = Path(cfg.wandb_dir or run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.project, name=run_name, dir=str(folder), mode=cfg.wandb_mode,
                               config=config, reinit="create_new",
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
-        self.dir = Path(self.run.dir).parent if self.run is not None else folder
+        self.dir = Path(self.run.dir).parent if self.run is not None else folder / "wandb"
 
     def log_scalars(self, step: int, metrics: dict) -> None:
         self.run.log(scalars(metrics), step=int(step))
@@ -132,6 +134,9 @@ class MlflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         uri = cfg.mlflow_tracking_uri or (Path(run_dir) / "mlflow").resolve().as_uri()
+        if uri.startswith("file:") or "://" not in uri:
+            # MLflow >= 3.x keeps the file store (the only backend without a database) behind this opt-in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(cfg.project)
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(cfg.project)

@@ -189,6 +189,9 @@ def test_readme_submit_lines_run_the_tiny_config(tmp_path, sample_root):
             seen.setdefault(name, []).extend(samples)
     finally:
         _stop_head(head, temp_dir)
+        if not _processes_under(temp_dir):
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    print("submit:", submit, "\n--- submit output (tail) ---\n" + log[-1500:] + "\n--- ray job logs ---\n" + logs)
     # the job log: one line per role, then the step table (N/total, elapsed, ETA, time of day, concept)
     for role in ("rewards:", "learner:", "rollout:"):
         assert any(role in line and "ready in" in line for line in logs.splitlines()), (role, logs[-3000:])
@@ -212,7 +215,6 @@ def test_readme_submit_lines_run_the_tiny_config(tmp_path, sample_root):
     for name in ("ray_grpo_reward_total", "ray_grpo_steps_total", "ray_reward_serve_replicas"):
         assert any('run="tiny-cpu"' in x and 'job="' in x for x in seen[name]), seen[name][:3]
     (tmp_path / "scraped_series.txt").write_text("\n".join(sorted(names)))
-    print("scraped ray_grpo_* / ray_reward_* series:", sorted(n for n in names if n.startswith(("ray_grpo",
-                                                                                             "ray_reward"))))
+    for name in sorted(n for n in names if n.startswith(("ray_grpo", "ray_reward"))):
+        print("scraped:", seen[name][-1])
     assert not _processes_under(temp_dir), "Ray processes of the test cluster survived"
-    shutil.rmtree(temp_dir, ignore_errors=True)
