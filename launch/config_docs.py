@@ -150,7 +150,8 @@ def metrics_markdown() -> str:
     out = ["### Per-step metrics\n", "| key | Prometheus name | meaning |", "|---|---|---|"]
     for key, doc in METRIC_DOCS.items():
         name = prom_name(key.replace("<expert>", "EXPERT")).replace("EXPERT", "<expert>")
-        out.append(f"| `{key}` | `ray_{name}` | {_cell(doc)} |")
+        exported = "–" if key == "concepts" else f"`ray_{name}`"   # text: job log, JSONL and trackers only
+        out.append(f"| `{key}` | {exported} | {_cell(doc)} |")
     return "\n".join(out) + "\n"
 
 
