@@ -85,10 +85,18 @@ def concept_checkpoint_lines(model_cfg, concepts: list[str]) -> list[str]:
     """One line per concept naming the concept checkpoint the policy loads (directory, epoch, rows, token strings),
     or a line saying the rows start from their default init. ``concepts`` in the policy's order."""
     from backbone.build import _concept_dir
-    from backbone.concepts import concept_token_strings, describe_concept_checkpoint
+    from backbone.concepts import checkpoint_line, checkpoint_rows, concept_token_strings
 
     if model_cfg.concept_checkpoint_dir is None:
         return [f"concept rows of {', '.join(concepts)}: default init (no model.concept_checkpoint_dir)"]
     strs = concept_token_strings(list(concepts), model_cfg.num_concept_tokens)
-    return [describe_concept_checkpoint(c, _concept_dir(model_cfg, c, len(concepts)),
-                                        model_cfg.concept_checkpoint_epoch, strs[c]) for c in concepts]
+    epoch, lines = model_cfg.concept_checkpoint_epoch, []
+    for c in concepts:
+        directory = _concept_dir(model_cfg, c, len(concepts))
+        rows = checkpoint_rows(directory, epoch)
+        if rows != len(strs[c]):   # fail in seconds, not after the whole set-up
+            raise ValueError(f"concept checkpoint {directory} epoch {epoch} has {rows} rows but the model config asks "
+                             f"for {len(strs[c])} (<c> + model.num_understanding_tokens + num_generation_tokens + "
+                             "num_stage3_tokens); use the token counts the injection job printed")
+        lines.append(checkpoint_line(c, directory, epoch, rows, strs[c]))
+    return lines

@@ -112,12 +112,16 @@ def concept_token_strings(names: list[str], num_tokens: int) -> dict[str, list[s
             for i, n in enumerate(names)}
 
 
-def describe_concept_checkpoint(concept: str, directory: str | os.PathLike, epoch: int,
-                                token_strs: list[str]) -> str:
-    """:func:`checkpoint_line` for a checkpoint on disk, rows read from its ``embed`` file (without a model)."""
+def checkpoint_rows(directory: str | os.PathLike, epoch: int) -> int:
+    """Rows of a concept checkpoint on disk (from its ``embed`` file, without a model); a missing file raises
+    FileNotFoundError naming it."""
     f = concept_checkpoint_files(directory, epoch)["embed"]
+    if not f.is_file():
+        raise FileNotFoundError(f"concept checkpoint file not found: {str(f)!r}")
     t = torch.load(f, map_location="cpu", weights_only=True)
-    return checkpoint_line(concept, directory, epoch, int(t.shape[0]), token_strs)
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"{f}: expected a [rows, hidden] tensor")
+    return int(t.shape[0])
 
 
 def load_concept_checkpoint(model: ShowoPhi, concept_tokens: ConceptTokens, directory: str | os.PathLike,

@@ -296,3 +296,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_grpo_setup_names_the_concept_checkpoint_and_rejects_wrong_token_counts(tmp_path):
+    from actors.setup_log import concept_checkpoint_lines
+
+    for part, shape in (("embed", (25, 8)), ("lm_head_weight", (25, 8)), ("lm_head_bias", (25,))):
+        torch.save(torch.zeros(shape), tmp_path / f"epoch_3_{part}.pt")
+    m = ModelConfig.tiny()
+    m.concept_checkpoint_dir, m.concept_checkpoint_epoch = str(tmp_path), 3
+    m.num_understanding_tokens, m.num_generation_tokens, m.num_stage3_tokens = 16, 8, 0
+    (line,) = concept_checkpoint_lines(m, [CONCEPT])
+    assert line.startswith(f"concept checkpoint for {CONCEPT}: {tmp_path} epoch 3 (epoch_3_embed.pt")
+    assert "25 rows = tokens <chelsea> <token_0> <token_1> <token_2> ... <token_23>" in line
+    m.num_stage3_tokens = 8
+    with pytest.raises(ValueError, match=r"has 25 rows but the model config asks for 33"):
+        concept_checkpoint_lines(m, [CONCEPT])
+    m.concept_checkpoint_epoch = 4
+    with pytest.raises(FileNotFoundError, match=r"epoch_4_embed.pt"):
+        concept_checkpoint_lines(m, [CONCEPT])
