@@ -278,7 +278,11 @@ def test_inject_then_grpo_job_with_the_printed_command(root, tmp_path, ray_clust
     summary = json.loads((tmp_path / "inj2" / "inject_summary.json").read_text())
     assert (tmp_path / "inj2" / "grpo_overrides.txt").read_text().split() == summary["grpo_overrides"]
     caplog.set_level(logging.INFO)
-    short = [f"run.output_root={tmp_path}", "run.name=grpo", "run.steps=1", "run.image_grid_every=0",
+    import importlib.util
+
+    trackers = ["tensorboard"] + [t for t in ("wandb", "mlflow") if importlib.util.find_spec(t) is not None]
+    short = [f"run.output_root={tmp_path}", "run.name=grpo", "run.steps=1", "run.image_grid_every=1",
+             f"run.trackers=[{','.join(trackers)}]",
              "rollout.group_size=2", "sampler.timesteps=4", "dsog.screen_step=2", "rollout.answer_max_new_tokens=4",
              "objective.max_answer_tokens=4", f"serve.http_port={_free_port()}"]
     assert train_main(argv[3:] + short) == 0
@@ -288,6 +292,17 @@ def test_inject_then_grpo_job_with_the_printed_command(root, tmp_path, ray_clust
     assert "<chelsea> <token_0>" in lines[0] or f"<{CONCEPT}> <token_0>" in lines[0]
     recs = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [0] and recs[0]["concepts"] == CONCEPT
+    if "mlflow" in trackers:   # the trainer's trackers got the step's scalars, the grid and the reward curves
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=(tmp_path / "grpo" / "mlflow").as_uri())
+        (mrun,) = client.search_runs([client.get_experiment_by_name("unictask-grpo").experiment_id])
+        assert mrun.data.metrics["reward/total"] == pytest.approx(recs[0]["reward/total"])
+        arts = {a.path for a in client.list_artifacts(mrun.info.run_id)} | {
+            a.path for a in client.list_artifacts(mrun.info.run_id, "images")}
+        assert {"config.json", "reward_curves.png", "images/step_000001.png"} <= arts
+    if "wandb" in trackers:
+        assert list((tmp_path / "grpo" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def _free_port() -> int:
