@@ -56,7 +56,12 @@ class Trainer:
             log.info("--resume auto: no complete checkpoint in %s, starting at step 0", self.run_dir)
         self.dsog = DSOGController(cfg.dsog)
         self.start_step = 0
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard, run_name=cfg.run.name)
+        from actors.trackers import make_trackers
+
+        tensorboard = cfg.run.tensorboard and "tensorboard" in cfg.run.trackers
+        self.metrics = MetricsLogger(self.run_dir, tensorboard=tensorboard, run_name=cfg.run.name,
+                                     total_steps=cfg.run.steps,
+                                     trackers=make_trackers(cfg.run, self.run_dir, config_to_dict(cfg)))
         self.history: list[dict] = []
         self._stop_requested = False
         self.learner_restarts = 0
@@ -70,6 +75,7 @@ class Trainer:
         from actors.placement import RolePlacement
         from actors.reward_serve import deploy_rewards
         from actors.rollout import RolloutWorker
+        from actors.setup_log import concept_checkpoint_lines, role_line, watch_reward_replicas
 
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -77,10 +83,16 @@ class Trainer:
             self.dataset = load_dataset(cfg.data)
         self.concepts = sorted(self.dataset.concepts)
         log.info("dataset %s: %d concepts (%s)", cfg.data.root, len(self.concepts), ", ".join(self.concepts))
+        for line in concept_checkpoint_lines(cfg.model, list(self.dataset.concepts)):
+            log.info("%s", line)
         self.placement = RolePlacement(cfg)
+        t = time.perf_counter()
         deploy_rewards(cfg.serve, data_root=self.dataset)  # references read once here, with data.reader
-        log.info("reward deployments ready (%.1fs)", time.perf_counter() - t0)
+        log.info("%s", role_line("rewards", cfg, None, time.perf_counter() - t))
+        self._replica_watch = watch_reward_replicas(cfg.serve)
+        t = time.perf_counter()
         self.learners = LearnerGroup(cfg, self.placement)
+        log.info("%s", role_line("learner", cfg, self.placement, time.perf_counter() - t))
         cfg_dict = config_to_dict(cfg)
 
         def make_worker(i: int):
@@ -88,9 +100,10 @@ class Trainer:
             return RolloutWorker.options(**opts).remote(cfg_dict, i)
 
         self._make_worker = make_worker
+        t = time.perf_counter()
         self.workers = [make_worker(i) for i in range(cfg.rollout.num_workers)]
         ray.get([w.ready.remote() for w in self.workers])
-        log.info("%d rollout actors ready (%.1fs)", len(self.workers), time.perf_counter() - t0)
+        log.info("%s", role_line("rollout", cfg, self.placement, time.perf_counter() - t))
         self.dispatcher = GroupDispatcher(self.workers, replace_actor=self._replace_worker,
                                           timeout_s=cfg.rollout.group_timeout_s)
         self._restore()
@@ -194,7 +207,7 @@ class Trainer:
         t3 = time.perf_counter()
         times = {"rollout": t_rollout, "learn": t2 - t1, "sync": t3 - t2, "step": t3 - t0}
         metrics = step_metrics(step, results, samples, learn, self.dsog, times, self.dispatcher,
-                               threshold_used=threshold_used)
+                               threshold_used=threshold_used, experts=self.cfg.serve.enabled)
         metrics["sync/seconds"] = float(sync_s)
         return metrics
 
@@ -265,17 +278,24 @@ class Trainer:
         if every and (step + 1) % every == 0:
             from actors.pictures import save_image_grid
 
-            save_image_grid(self.run_dir / "images" / f"step_{step + 1:06d}.png", self._last_samples,
-                            title=f"{self.cfg.run.name} step {step} (reward {metrics['reward/total']:.4f})")
-            self._save_curves()
+            path = save_image_grid(self.run_dir / "images" / f"step_{step + 1:06d}.png", self._last_samples,
+                                   title=f"{self.cfg.run.name} step {step + 1}/{self.cfg.run.steps} "
+                                         f"({metrics.get('concepts', '')}; reward {metrics['reward/total']:.4f})")
+            self.metrics.log_image("images/grid", path, step)
+            self._save_curves(step)
 
-    def _save_curves(self) -> None:
+    def _save_curves(self, step: int | None = None) -> None:
         from actors.pictures import save_reward_curves
 
-        save_reward_curves(self.run_dir / "reward_curves.png", self.run_dir)
+        path = save_reward_curves(self.run_dir / "reward_curves.png", self.run_dir)
+        if path is not None:
+            self.metrics.log_image("reward_curves", path, self.cfg.run.steps - 1 if step is None else step)
 
     def shutdown(self) -> None:
         """Stop actors and deployments started by this trainer."""
+        if getattr(self, "_replica_watch", None) is not None:
+            self._replica_watch.set()
+        self.metrics.close()
         for w in getattr(self, "workers", []):
             ray.kill(w)
         if hasattr(self, "learners"):

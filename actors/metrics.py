@@ -2,17 +2,21 @@
 
 - ``<run>/metrics.jsonl``: one JSON record per step (every key of :func:`actors.step_metrics.step_metrics`).
 - ``<run>/tensorboard/``: one scalar per key (``tensorboard --logdir <run>/tensorboard``).
-- Ray metrics (``ray.util.metrics``): a gauge ``grpo_<section>_<name>`` per key, tagged with the run name, plus
-  counters ``grpo_steps`` / ``grpo_images``. Ray prefixes them with ``ray_`` on the Prometheus endpoint
-  (``http://127.0.0.1:<metrics_export_port>/metrics``, about 10 s after being recorded) and the dashboard's
-  metrics view reads them from there.
-- :meth:`MetricsLogger.line`: the compact table row the controller prints under its progress bar.
+- Ray metrics (``ray.util.metrics``, see :mod:`actors.prom_export`): a gauge ``<prefix>_<section>_<name>`` per key
+  (prefix ``grpo`` for training, ``inject`` for concept injection), labelled ``run`` and ``job``, plus per-run
+  counters ``<prefix>_steps`` / ``<prefix>_images``. Ray prefixes them with ``ray_`` on the Prometheus endpoint
+  (``http://127.0.0.1:<metrics_export_port>/metrics``, within one report interval, ~10 s) and
+  ``dashboards/grafana_grpo.json`` plots them.
+- Experiment trackers (:mod:`actors.trackers`: wandb, MLflow) get the same scalars.
+- :meth:`MetricsLogger.line`: the compact table row the controller prints under its progress bar: step N/total,
+  the main metrics, elapsed time, ETA, time of day and the concept(s) the step trained.
 
 On resume :meth:`MetricsLogger.start_at` drops the JSONL records of the steps that will be re-done and opens the
 TensorBoard writer with ``purge_step`` so those steps are not plotted twice.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -20,11 +24,12 @@ import os
 import time
 from pathlib import Path
 
+from actors.prom_export import RayExporter, metric_name
+
 log = logging.getLogger(__name__)
 
 # Columns of the compact terminal line, in order (key in the metrics dict, header, format).
 LINE_COLUMNS = [
-    ("step", "step", "{:>5d}"),
     ("reward/total", "reward", "{:>7.4f}"),
     ("adv/std", "adv_sd", "{:>7.4f}"),
     ("adv/equal_reward_groups", "eq", "{:>4.2f}"),
@@ -43,9 +48,17 @@ HEADER_EVERY = 25
 """Repeat the header after this many rows."""
 
 
-def prom_name(key: str) -> str:
-    """Ray/Prometheus metric name of a metrics key: ``reward/total`` → ``grpo_reward_total``."""
-    return "grpo_" + "".join(c if c.isalnum() else "_" for c in key)
+def prom_name(key: str, prefix: str = "grpo") -> str:
+    """Ray metric name of a metrics key: ``reward/total`` → ``grpo_reward_total`` (``ray_`` is added by Ray)."""
+    return metric_name(prefix, key)
+
+
+def clock(seconds: float) -> str:
+    """``H:MM:SS`` of a duration (``-`` when unknown)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _width(fmt: str) -> int:
@@ -59,7 +72,11 @@ def _is_number(value) -> bool:
 class MetricsLogger:
     """Writes one record per step to ``metrics.jsonl`` (+ TensorBoard, + Ray metrics when inside Ray)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, ray_metrics: bool = True, run_name: str = ""):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, ray_metrics: bool = True, run_name: str = "",
+                 prefix: str = "grpo", total_steps: int | None = None, trackers: list | None = None):
+        """``prefix``: Ray metric prefix ("grpo" for GRPO steps, "inject" for concept injection);
+        ``total_steps``: the run's step count (for N/total and the ETA in :meth:`line`); ``trackers``:
+        :class:`actors.trackers.Tracker` objects that get every record too."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
@@ -68,16 +85,23 @@ class MetricsLogger:
         self._tb = None
         self._tb_failed = False
         self._purge_step: int | None = None
-        self._gauges: dict = {}
-        self._counters: dict = {}
+        self.prefix = prefix
+        self.total_steps = total_steps
+        self.trackers = list(trackers or [])
+        self._exporter = RayExporter(prefix, self.run_name, describe=_describe(prefix))
         self._ray_metrics = ray_metrics
         self._rows = 0
+        self._t0 = time.monotonic()
+        self._start_step = 0
 
     # -- resume ----------------------------------------------------------------------------------------------
     def start_at(self, step: int) -> None:
         """The run (re)starts at ``step``: drop records of steps >= ``step`` and have TensorBoard purge them."""
         self.truncate_after(step - 1)
         self._purge_step = int(step)
+        self._start_step = int(step)
+        self._t0 = time.monotonic()
+        self._exporter.start_at(step)
         if self._tb is not None:  # reopen so the purge applies
             self._tb.close()
             self._tb = None
@@ -114,6 +138,13 @@ class MetricsLogger:
             tb.flush()
         if self._ray_metrics:
             self._export_ray(metrics)
+        for tracker in self.trackers:
+            _guard(tracker, "log_scalars", step, metrics)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Hand a picture of the run (image grid, reward curves) to the experiment trackers."""
+        for tracker in self.trackers:
+            _guard(tracker, "log_image", key, Path(path), step)
 
     def _writer(self):
         if self._tb is None and self._tensorboard and not self._tb_failed:
@@ -127,31 +158,14 @@ class MetricsLogger:
         return self._tb
 
     def _export_ray(self, metrics: dict) -> None:
-        """Set one gauge per numeric key (tag ``run``) and bump the step / image counters."""
+        """Set one gauge per numeric key (labels ``run``, ``job``) and bump the per-run counters."""
         try:
             import ray
-            from ray.util.metrics import Counter, Gauge
 
             if not ray.is_initialized():
                 return
-            from actors.step_metrics import metric_doc
-
-            tags = {"run": self.run_name}
-            for key, value in metrics.items():
-                if not _is_number(value) or not math.isfinite(value):
-                    continue
-                gauge = self._gauges.get(key)
-                if gauge is None:
-                    doc = metric_doc(key).encode("ascii", "replace").decode()  # Ray wants ASCII descriptions
-                    gauge = self._gauges[key] = Gauge(prom_name(key), description=doc, tag_keys=("run",))
-                gauge.set(float(value), tags=tags)
-            if not self._counters:
-                self._counters = {"steps": Counter("grpo_steps", "GRPO steps done", tag_keys=("run",)),
-                                  "images": Counter("grpo_images", "Images generated and kept", tag_keys=("run",))}
-            self._counters["steps"].inc(1.0, tags=tags)
             images = metrics.get("throughput/images", 0)
-            if _is_number(images) and images > 0:  # Counter.inc(0) raises
-                self._counters["images"].inc(float(images), tags=tags)
+            self._exporter.export(metrics, images=float(images) if _is_number(images) else 0.0)
         except Exception as exc:
             log.warning("Ray metrics export disabled: %s", exc)
             self._ray_metrics = False
@@ -159,15 +173,29 @@ class MetricsLogger:
     # -- terminal --------------------------------------------------------------------------------------------
     def header(self) -> str:
         """The column header of :meth:`line`."""
-        return " ".join(h.rjust(_width(fmt)) for _, h, fmt in LINE_COLUMNS)
+        return " ".join(["step".rjust(self._step_width())] + [h.rjust(_width(fmt)) for _, h, fmt in LINE_COLUMNS]
+                        + ["elapsed".rjust(8), "eta".rjust(8), "time".rjust(8), "concept"])
+
+    def _step_width(self) -> int:
+        total = self.total_steps or 0
+        return max(4, 2 * len(str(total)) + 1)
 
     def line(self, metrics: dict) -> str:
-        """The compact one-line summary (preceded by the header on the first row and every HEADER_EVERY rows)."""
-        cells = []
+        """The compact one-line summary (preceded by the header on the first row and every HEADER_EVERY rows):
+        step N/total (N = steps done, so metrics.jsonl's 0-based ``step`` is N - 1), the main metrics, elapsed
+        time since the loop started, ETA, time of day (UTC) and the concept(s) the step trained."""
+        done = int(metrics.get("step", 0)) + 1
+        total = self.total_steps
+        cells = [(f"{done}/{total}" if total else str(done)).rjust(self._step_width())]
         for key, _, fmt in LINE_COLUMNS:
             value = metrics.get(key)
             ok = _is_number(value) and (isinstance(value, int) or math.isfinite(value))
             cells.append(fmt.format(value) if ok else "-".rjust(_width(fmt)))
+        elapsed = time.monotonic() - self._t0
+        steps_here = done - self._start_step
+        eta = elapsed / steps_here * (total - done) if total and steps_here > 0 else float("nan")
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
+        cells += [clock(elapsed).rjust(8), clock(eta).rjust(8), now, str(metrics.get("concepts", "-") or "-")]
         text = " ".join(cells)
         if self._rows % HEADER_EVERY == 0:
             text = self.header() + "\n" + text
@@ -179,6 +207,30 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        self._exporter.close()
+        for tracker in self.trackers:
+            _guard(tracker, "close")
+        self.trackers = []
+
+
+def _guard(tracker, method: str, *args) -> None:
+    """Call a tracker method; a tracker failure is logged and disables that tracker, never the run."""
+    if getattr(tracker, "failed", False):
+        return
+    try:
+        getattr(tracker, method)(*args)
+    except Exception as exc:  # noqa: BLE001 - trackers are best effort by design
+        log.warning("experiment tracker %s: %s failed (%s: %s); disabling it", getattr(tracker, "name", tracker),
+                    method, type(exc).__name__, exc)
+        tracker.failed = True
+
+
+def _describe(prefix: str):
+    def describe(key: str) -> str:
+        from actors.step_metrics import metric_doc
+
+        return metric_doc(key) if prefix == "grpo" else f"Concept injection metric {key}"
+    return describe
 
 
 def _plain(value):

@@ -18,6 +18,17 @@ def loopback_env() -> dict[str, str]:
     }
 
 
+def _job_env_vars() -> dict:
+    """env_vars of the submitted job's runtime env (empty outside ``ray job submit``)."""
+    import json
+
+    try:
+        cfg = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        return dict((cfg.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
 def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, include_dashboard: bool = False,
                     dashboard_host: str = LOOPBACK, metrics_export_port: int | None = None,
                     address: str | None = None, runtime_env: dict | None = None):
@@ -36,6 +47,9 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, in
         return ray.get_runtime_context()
     env_vars = dict(loopback_env())
     env_vars.update((runtime_env or {}).get("env_vars", {}))
+    # under `ray job submit --runtime-env ...` Ray refuses a driver env var the job's runtime env already sets
+    job_vars = _job_env_vars()
+    env_vars = {k: v for k, v in env_vars.items() if k not in job_vars}
     runtime_env = dict(runtime_env or {}, env_vars=env_vars)
     if address:
         log.info("joining Ray cluster at %s", address)

@@ -1,7 +1,8 @@
 """Per-expert reward-serving metrics for the Ray dashboard / Prometheus (``ray.util.metrics``).
 
 Serve exports its own ``ray_serve_*`` series (request latency, ongoing requests, replicas, batch sizes); these add
-the reward-specific ones, all tagged with ``expert``:
+the reward-specific ones, all labelled ``expert``, ``run`` (``$UNICTASK_RUN_NAME``, set by ``launch.train`` for every
+process of the job) and ``job`` (the Ray job id of the recording process):
 
 - ``reward_serve_latency_s`` (histogram, ``side`` = "replica" | "client"): time to score one request;
 - ``reward_serve_queue_depth`` (gauge, per replica): requests the replica holds (waiting for a batch or scoring);
@@ -9,20 +10,44 @@ the reward-specific ones, all tagged with ``expert``:
 - ``reward_serve_failures`` (counter, ``kind``): bad requests, scoring errors, timeouts, dead replicas, drops;
 - ``reward_serve_replicas`` (gauge): the replica target, set by deploy / scale / the client's refresh.
 
-They reach ``/metrics`` about 10 s after being recorded (Ray's report interval). ``Counter.inc(0)`` raises in
-Ray, so every increment goes through :func:`_inc`, which skips zero.
+They reach ``/metrics`` about 10 s after being recorded (Ray's report interval). So that every series exists from
+the first step: the failure counter of an expert is recorded at zero for every kind the first time the process
+touches that expert (``Counter.inc(0)`` raises, so the zero goes through ``_record``), and a daemon thread re-reports
+the last value of every gauge every ``prom_export.REFRESH_S`` seconds (Ray drops a gauge that is not re-reported
+for two intervals). :func:`watch_replicas` keeps the replica gauge in step with the Serve controller.
 """
 from __future__ import annotations
 
 import logging
 import threading
 
+from actors.prom_export import LABELS, REFRESH_S, run_labels
+
 log = logging.getLogger(__name__)
+
+FAILURE_KINDS = ("bad_request", "error", "timeout", "replica_died", "cancelled", "dropped")
+"""Kinds of ``reward_serve_failures`` (each series exists at zero from the first use of an expert)."""
 
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 
 _lock = threading.Lock()
 _metrics: dict[str, object] = {}
+_labels: dict[str, str] = {}
+_gauge_values: dict[tuple, float] = {}      # (metric name, frozen tags) -> last value, re-reported by the keeper
+_touched: set[str] = set()                   # experts whose zero failure series this process has recorded
+_keeper: threading.Thread | None = None
+_stop = threading.Event()
+
+
+def labels() -> dict[str, str]:
+    """The ``run`` / ``job`` labels of this process (resolved once)."""
+    if not _labels:
+        _labels.update(run_labels())
+    return dict(_labels)
+
+
+def _tags(**tags: str) -> dict[str, str]:
+    return {**labels(), **tags}
 
 
 def _metric(name: str):
@@ -34,19 +59,19 @@ def _metric(name: str):
 
         if name == "latency":
             obj = m.Histogram("reward_serve_latency_s", description="Seconds to score one reward request.",
-                              boundaries=LATENCY_BOUNDARIES, tag_keys=("expert", "side"))
+                              boundaries=LATENCY_BOUNDARIES, tag_keys=("expert", "side") + LABELS)
         elif name == "queue":
             obj = m.Gauge("reward_serve_queue_depth", description="Requests held by a reward replica "
-                          "(waiting for a batch or being scored).", tag_keys=("expert", "replica"))
+                          "(waiting for a batch or being scored).", tag_keys=("expert", "replica") + LABELS)
         elif name == "scored":
             obj = m.Counter("reward_serve_samples_scored", description="Samples scored by a reward expert.",
-                            tag_keys=("expert",))
+                            tag_keys=("expert",) + LABELS)
         elif name == "failures":
             obj = m.Counter("reward_serve_failures", description="Failed reward requests by kind.",
-                            tag_keys=("expert", "kind"))
+                            tag_keys=("expert", "kind") + LABELS)
         elif name == "replicas":
-            obj = m.Gauge("reward_serve_replicas", description="Target replica count of a reward deployment.",
-                          tag_keys=("expert",))
+            obj = m.Gauge("reward_serve_replicas", description="Running replicas of a reward deployment.",
+                          tag_keys=("expert",) + LABELS)
         else:  # pragma: no cover - programming error
             raise KeyError(name)
         _metrics[name] = obj
@@ -61,6 +86,39 @@ def _safe(fn, *args, **kwargs) -> None:
         log.debug("reward metric not recorded: %s", exc)
 
 
+def _touch(expert: str) -> None:
+    """First use of ``expert`` in this process: its failure series exist at zero from now on."""
+    if expert in _touched:
+        return
+    _touched.add(expert)
+    for kind in FAILURE_KINDS:
+        _safe(lambda k=kind: _metric("failures")._record(0.0, tags=_tags(expert=expert, kind=k)))
+    _safe(lambda: _metric("scored")._record(0.0, tags=_tags(expert=expert)))
+
+
+def _set_gauge(name: str, value: float, tags: dict[str, str]) -> None:
+    _safe(lambda: _metric(name).set(float(value), tags=tags))
+    with _lock:
+        _gauge_values[(name, tuple(sorted(tags.items())))] = float(value)
+    _ensure_keeper()
+
+
+def _ensure_keeper() -> None:
+    global _keeper
+    with _lock:
+        if _keeper is None:
+            _keeper = threading.Thread(target=_keep_alive, name="reward-metrics", daemon=True)
+            _keeper.start()
+
+
+def _keep_alive() -> None:
+    while not _stop.wait(REFRESH_S):
+        with _lock:
+            items = list(_gauge_values.items())
+        for (name, tags), value in items:
+            _safe(lambda n=name, t=dict(tags), v=value: _metric(n).set(v, tags=t))
+
+
 def _inc(name: str, value: float, tags: dict[str, str]) -> None:
     if value > 0:  # Counter.inc(0) raises ValueError in Ray
         _safe(lambda: _metric(name).inc(value, tags=tags))
@@ -68,24 +126,47 @@ def _inc(name: str, value: float, tags: dict[str, str]) -> None:
 
 def observe_latency(expert: str, seconds: float, side: str) -> None:
     """Record one request's scoring latency (``side``: "replica" or "client")."""
-    _safe(lambda: _metric("latency").observe(max(0.0, float(seconds)), tags={"expert": expert, "side": side}))
+    _touch(expert)
+    _safe(lambda: _metric("latency").observe(max(0.0, float(seconds)), tags=_tags(expert=expert, side=side)))
 
 
 def set_queue_depth(expert: str, replica: str, depth: int) -> None:
     """Set the number of requests a replica currently holds."""
-    _safe(lambda: _metric("queue").set(float(depth), tags={"expert": expert, "replica": replica}))
+    _set_gauge("queue", float(depth), _tags(expert=expert, replica=replica))
 
 
 def count_scored(expert: str, samples: int) -> None:
     """Add ``samples`` scored samples (zero is skipped)."""
-    _inc("scored", float(samples), {"expert": expert})
+    _touch(expert)
+    _inc("scored", float(samples), _tags(expert=expert))
 
 
 def count_failure(expert: str, kind: str, n: int = 1) -> None:
     """Add ``n`` failures of ``kind`` (bad_request, error, timeout, replica_died, dropped, ...)."""
-    _inc("failures", float(n), {"expert": expert, "kind": kind})
+    _touch(expert)
+    _inc("failures", float(n), _tags(expert=expert, kind=kind))
 
 
 def set_replicas(expert: str, replicas: int) -> None:
-    """Set a deployment's replica target."""
-    _safe(lambda: _metric("replicas").set(float(replicas), tags={"expert": expert}))
+    """Set a deployment's replica count (and create its zero failure series)."""
+    _touch(expert)
+    _set_gauge("replicas", float(replicas), _tags(expert=expert))
+
+
+def watch_replicas(count_running, experts: list[str], period_s: float = REFRESH_S) -> threading.Event:
+    """Every ``period_s`` seconds set the replica gauge of each expert to ``count_running(expert)`` (the running
+    replicas per the Serve controller), so a live ``launch.scale`` or a replaced replica shows up. Returns the
+    event that stops the watcher."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            for expert in experts:
+                try:
+                    set_replicas(expert, int(count_running(expert)))
+                except Exception as exc:  # noqa: BLE001 - Serve shut down or restarting: try again later
+                    log.debug("replica count of %s not refreshed: %s", expert, exc)
+            stop.wait(period_s)
+
+    threading.Thread(target=loop, name="reward-replicas", daemon=True).start()
+    return stop

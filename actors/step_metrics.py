@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 METRIC_DOCS: dict[str, str] = {
-    "step": "GRPO step index (0-based).",
+    "step": "GRPO step index (0-based; the job log's step N/total is step + 1).",
+    "concepts": "The concept(s) the step's prompts trained, comma-separated (text; not exported as a gauge).",
     "reward/total": "Mean ensemble reward of the step's kept samples.",
     "reward/std": "Standard deviation of the ensemble reward over the step's samples.",
     "reward/<expert>": "Mean score of one reward expert (tier, ber, der, fer, clip) over the samples it scored.",
@@ -60,18 +61,22 @@ def _corr(a: list[float], b: list[float]) -> float:
 
 
 def step_metrics(step: int, results: list, samples: list, learn: dict, dsog, times: dict, dispatcher,
-                 threshold_used: float | None = None) -> dict:
+                 threshold_used: float | None = None, experts: list[str] | tuple = ()) -> dict:
     """Everything the issue's metric list asks for, as a flat dict of floats keyed ``section/name``.
 
     ``results``: the step's GroupResults; ``samples``: their samples with advantages; ``learn``: the learner's
     metrics; ``dsog``: the controller after this step's update; ``times``: wall seconds per driver phase;
-    ``threshold_used``: the threshold the step's requests carried (None = uncalibrated)."""
+    ``threshold_used``: the threshold the step's requests carried (None = uncalibrated); ``experts``: the enabled
+    reward experts; each gets a ``reward/<expert>`` key every step (NaN when it scored no sample, e.g. FER on a
+    step without a human concept), so every series exists from the first step."""
     rewards = np.array([s.reward for s in samples], dtype=np.float64)
     adv = np.array([s.advantage for s in samples], dtype=np.float64)
     m: dict = {"step": int(step), "reward/total": float(rewards.mean()), "reward/std": float(rewards.std()),
                "adv/std": float(adv.std()), "adv/max_abs": float(np.abs(adv).max())}
-    for name in sorted({k for s in samples for k in s.rewards}):
-        m[f"reward/{name}"] = float(np.mean([s.rewards[name] for s in samples if name in s.rewards]))
+    m["concepts"] = ",".join(sorted({str(s.concept) for s in samples}))
+    for name in sorted({k for s in samples for k in s.rewards} | set(experts)):
+        scored = [s.rewards[name] for s in samples if name in s.rewards]
+        m[f"reward/{name}"] = float(np.mean(scored)) if scored else float("nan")
     equal = [max(g) - min(g) < 1e-8 for g in ([s.reward for s in r.samples] for r in results) if g]
     m["adv/equal_reward_groups"] = float(np.mean(equal)) if equal else float("nan")
     for key, value in learn.items():
@@ -91,9 +96,7 @@ def step_metrics(step: int, results: list, samples: list, learn: dict, dsog, tim
     m["prompt/cut_fraction"] = float(np.mean([s.prompt_cut for s in samples]))
     m["prompt/answer_tokens"] = float(np.mean([len(s.answer_ids) for s in samples]))
     for phase in ("answer", "image", "screen", "reward"):
-        vals = [r.timings.get(phase, 0.0) for r in results]
-        if any(vals):
-            m[f"time/{phase}"] = float(sum(vals))
+        m[f"time/{phase}"] = float(sum(r.timings.get(phase, 0.0) for r in results))
     for key, value in times.items():
         m[f"time/{key}"] = float(value)
     m["throughput/images"] = float(len(samples))

@@ -11,6 +11,7 @@ the text rows + N(0, std of the text rows) noise from a fixed-seed generator (de
 from __future__ import annotations
 
 import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from torch import nn
 
 from backbone.phi import ShowoPhi
 from backbone.tokenizer import ConceptTokens, ShowoTokenizer
+
+log = logging.getLogger(__name__)
 
 CKPT_PARTS = ("embed", "lm_head_weight", "lm_head_bias")
 """UniCTokens checkpoint parts: ``epoch_{N}_{part}.pt`` = the new rows only ([K, hidden] / [K])."""
@@ -94,6 +97,33 @@ def concept_checkpoint_files(directory: str | os.PathLike, epoch: int) -> dict[s
     return {part: Path(directory) / f"epoch_{epoch}_{part}.pt" for part in CKPT_PARTS}
 
 
+def checkpoint_line(concept: str, directory: str | os.PathLike, epoch: int, rows: int, token_strs: list[str]) -> str:
+    """The log line of a loaded concept checkpoint: path, epoch, rows and the token strings the rows belong to."""
+    toks = token_strs if len(token_strs) <= 6 else [*token_strs[:4], "...", token_strs[-1]]
+    files = ", ".join(f"epoch_{epoch}_{p}.pt" for p in CKPT_PARTS)
+    return (f"concept checkpoint for {concept}: {Path(directory)} epoch {epoch} ({files}), "
+            f"{rows} rows = tokens {' '.join(toks)}")
+
+
+def concept_token_strings(names: list[str], num_tokens: int) -> dict[str, list[str]]:
+    """The token strings each concept gets when ``names`` are added in this order (as
+    :meth:`backbone.tokenizer.ShowoTokenizer.add_concept` names them: ``<token_i>`` first, ``<name_token_i>`` after)."""
+    return {n: [f"<{n}>", *(f"<{'token' if i == 0 else n + '_token'}_{j}>" for j in range(num_tokens))]
+            for i, n in enumerate(names)}
+
+
+def checkpoint_rows(directory: str | os.PathLike, epoch: int) -> int:
+    """Rows of a concept checkpoint on disk (from its ``embed`` file, without a model); a missing file raises
+    FileNotFoundError naming it."""
+    f = concept_checkpoint_files(directory, epoch)["embed"]
+    if not f.is_file():
+        raise FileNotFoundError(f"concept checkpoint file not found: {str(f)!r}")
+    t = torch.load(f, map_location="cpu", weights_only=True)
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"{f}: expected a [rows, hidden] tensor")
+    return int(t.shape[0])
+
+
 def load_concept_checkpoint(model: ShowoPhi, concept_tokens: ConceptTokens, directory: str | os.PathLike,
                             epoch: int) -> None:
     """Write the rows of ``epoch_N_{embed,lm_head_weight,lm_head_bias}.pt`` into ``concept_tokens.all_ids``.
@@ -117,6 +147,7 @@ def load_concept_checkpoint(model: ShowoPhi, concept_tokens: ConceptTokens, dire
         if not torch.isfinite(t).all():
             raise ValueError(f"{f}: contains non-finite values")
         loaded[part] = t
+    log.info("%s", checkpoint_line(concept_tokens.name, directory, epoch, k, concept_tokens.all_strs))
     idx = torch.tensor(rows, device=model.device)
     with torch.no_grad():
         model.model.embed_tokens.weight.index_copy_(0, idx, loaded["embed"].to(model.model.embed_tokens.weight))

@@ -15,6 +15,7 @@ from actors.learner import LearnerConfig
 from actors.placement import PlacementConfig
 from actors.reward_serve import ServeConfig
 from actors.rollout import RolloutConfig
+from actors.trackers import TrackerConfig, check_trackers
 from actors.weight_sync import SyncConfig
 from backbone.build import ModelConfig
 from backbone.maskgit import SamplerConfig
@@ -54,7 +55,13 @@ class RunConfig:
     log_every: int = 1
     """Print the metrics line every K steps."""
     tensorboard: bool = True
-    """Also write metrics as TensorBoard event files in the run folder."""
+    """Also write metrics as TensorBoard event files in the run folder (only while "tensorboard" is in
+    ``run.trackers``)."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers beside ``metrics.jsonl``: any of tensorboard, wandb, mlflow (wandb and MLflow need
+    ``pip install -e '.[trackers]'``; they log the same scalars, the config, image grids and reward curves)."""
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    """Settings of the wandb / MLflow trackers (offline stores in the run folder by default)."""
     max_learner_restarts: int = 3
     """A dead or hung learner rank tears the learner group down and rebuilds it from the last checkpoint; after this
     many rebuilds in one run the run stops with an error."""
@@ -65,6 +72,8 @@ class RunConfig:
             raise ValueError("run.steps must be >= 0 and run.prompts_per_step >= 1")
         if self.checkpoint_every < 1 or self.keep_last < 1:
             raise ValueError("run.checkpoint_every and run.keep_last must be >= 1")
+        check_trackers(self.trackers)
+        self.tracker.validate()
 
 
 @dataclass

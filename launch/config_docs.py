@@ -1,5 +1,6 @@
 """Print the Markdown config reference, generated from the config dataclasses' field docstrings.
 
+examples:
     python -m launch.config_docs                 # every key of TrainConfig: dotted key, type, default, doc
     python -m launch.config_docs --metrics       # also the per-step metrics table
     python -m launch.config_docs -o docs/config.md
@@ -149,13 +150,15 @@ def metrics_markdown() -> str:
     out = ["### Per-step metrics\n", "| key | Prometheus name | meaning |", "|---|---|---|"]
     for key, doc in METRIC_DOCS.items():
         name = prom_name(key.replace("<expert>", "EXPERT")).replace("EXPERT", "<expert>")
-        out.append(f"| `{key}` | `ray_{name}` | {_cell(doc)} |")
+        exported = "–" if key == "concepts" else f"`ray_{name}`"   # text: job log, JSONL and trackers only
+        out.append(f"| `{key}` | {exported} | {_cell(doc)} |")
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entrypoint: print (or write) the Markdown reference."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launch.config_docs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metrics", action="store_true", help="append the per-step metrics table")
     parser.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
-"""Evaluate a policy on UnifyBench++ (the dataset's held-out test/ data): JSON + Markdown table + PNG grid.
+r"""Evaluate a policy on UnifyBench++ (the dataset's held-out test/ data): JSON + Markdown table + PNG grid.
 
+examples:
     python -m launch.evaluate --config configs/tiny_cpu.yaml --checkpoint runs/tiny-cpu/final --out eval_out
     python -m launch.evaluate --checkpoint runs/tiny-cpu/checkpoints/step_000006 --limit 2 eval.images_per_prompt=2
 
@@ -77,7 +78,8 @@ def load_cli_policy(cfg, checkpoint: str | None, device: str = "cpu", dataset=No
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m launch.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (path or name in configs/)")
     p.add_argument("--checkpoint", default=None, help="export / final / run checkpoint / run folder (none = config)")
     p.add_argument("--out", default="eval_out", help="output folder (results.json, results.md, grid.png, images/)")

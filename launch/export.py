@@ -1,5 +1,6 @@
-"""Export a trained policy: Show-o safetensors (Show-o's keys and vocabulary) + UniCTokens concept rows + manifest.
+r"""Export a trained policy: Show-o safetensors (Show-o's keys and vocabulary) + UniCTokens concept rows + manifest.
 
+examples:
     python -m launch.export --run runs/tiny-cpu --out exports/tiny-cpu
     python -m launch.export --run runs/tiny-cpu/checkpoints/step_000006 --out exports/step6 --merged
 
@@ -44,7 +45,8 @@ def export_run(run: str, out: str, config: str | None = None, overrides: list[st
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder, run checkpoint folder, or a run's final/ folder")
     p.add_argument("--out", required=True, help="export folder")
     p.add_argument("--config", default=None, help="YAML config (default: the run's saved config.yaml)")

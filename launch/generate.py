@@ -1,5 +1,6 @@
-"""Generate images with a (trained) policy, using the concept's tokens exactly as training does.
+r"""Generate images with a (trained) policy, using the concept's tokens exactly as training does.
 
+examples:
     python -m launch.generate --checkpoint runs/tiny-cpu/final --prompt "A photo of <c> on the beach." \
         --concept chelsea --num 4 --seed 0 --out gen_out
 
@@ -90,7 +91,8 @@ def generate_to_dir(policy, prompt: str, out_dir: str | os.PathLike, concept: st
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m launch.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="export / final / run checkpoint / run folder (none = config)")
     p.add_argument("--config", default=None, help="YAML config (default: the run's saved config, else tiny_cpu)")
     p.add_argument("--prompt", required=True, help='e.g. "A photo of <c> on the beach."')

@@ -1,13 +1,17 @@
-"""Concept injection (UniCTokens stages 1–3 / joint) as a job of the service.
+r"""Concept injection (UniCTokens stages 1–3 / joint) as a job of the service.
 
+examples:
     python -m launch.inject --config configs/inject_tiny.yaml
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+    python -m launch.inject --config configs/inject_tiny.yaml inject.stages=[joint] inject.joint.epochs=2
+    ray job submit --address http://127.0.0.1:8265 --runtime-env configs/runtime_env.yaml -- \
         python -m launch.inject --config configs/inject_h100.yaml run.output_root=/shared/runs
 
 Positional ``key.sub=value`` arguments override config fields. Output (``<run>``): ``concepts/<stage>/<concept>/
 epoch_N_{embed,lm_head_weight,lm_head_bias}.pt`` (UniCTokens' format), ``metrics.jsonl`` + ``tensorboard/`` (loss
-per stage per step), ``config.yaml`` and ``inject_summary.json`` with the GRPO overrides to use the result
-(``model.concept_checkpoint_dir`` / ``concept_checkpoint_epoch`` / token counts).
+per stage per step; Ray metrics ``ray_inject_*``), ``config.yaml``, ``inject_summary.json`` and ``grpo_overrides.txt``:
+the complete override set that makes the GRPO job train on the result (``model.concept_checkpoint_dir`` /
+``concept_checkpoint_epoch`` / token counts / ``data.root`` / ``data.concepts``), printed at the end as a ready
+``python -m launch.train`` command line.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ log = logging.getLogger("launch.inject")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launch.inject", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/inject_tiny.yaml",
                         help="YAML config (a path, or a name in configs/: inject_tiny, inject_h100)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. inject.stages=[joint]")
@@ -64,7 +69,7 @@ def run_injection(cfg) -> dict:
     wc = cfg.worker
     workers = [RemoteInjectWorker.options(num_cpus=wc.num_cpus, num_gpus=wc.num_gpus).remote(cfg, share)
                for share in deal(concepts, wc.num_workers)]
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard)
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, run_name=cfg.run.name, prefix="inject")
     summary: dict = {"run_dir": str(run_dir), "stages": list(cfg.inject.stages), "concepts": {}}
     t0 = time.perf_counter()
     try:
@@ -92,14 +97,38 @@ def run_injection(cfg) -> dict:
     last = cfg.inject.stages[-1]
     m = cfg.model
     epochs = {s["last_saved_epoch"] for c in summary["concepts"].values() for n, s in c.items() if n == last}
-    summary["grpo_overrides"] = [f"model.concept_checkpoint_dir={checkpoint_dir(run_dir, last)}",
-                                 f"model.concept_checkpoint_epoch={max(epochs) if epochs else None}",
-                                 f"model.num_understanding_tokens={m.num_understanding_tokens}",
-                                 f"model.num_generation_tokens={m.num_generation_tokens if last != 'stage1' else 0}",
-                                 f"model.num_stage3_tokens={m.num_stage3_tokens if last in ('stage3', 'joint') else 0}"]
+    summary["grpo_overrides"] = grpo_overrides(cfg, checkpoint_dir(run_dir, last), max(epochs) if epochs else None,
+                                               concepts)
+    summary["grpo_command"] = grpo_command(cfg, summary["grpo_overrides"])
+    write_text_atomic(run_dir / "grpo_overrides.txt", "\n".join(summary["grpo_overrides"]) + "\n")
     summary["seconds"] = time.perf_counter() - t0
     write_text_atomic(run_dir / "inject_summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def grpo_overrides(cfg, ckpt_dir, epoch: int | None, concepts: list[str]) -> list[str]:
+    """The complete override set that makes the GRPO job train these concepts on the injected rows: the checkpoint,
+    the token counts of the last stage, the model the rows belong to, and the dataset and concepts they were
+    trained for (without ``data.concepts`` the GRPO job would train every concept of the dataset)."""
+    last, m = cfg.inject.stages[-1], cfg.model
+    out = [f"model.concept_checkpoint_dir={ckpt_dir}", f"model.concept_checkpoint_epoch={epoch}",
+           f"model.num_understanding_tokens={m.num_understanding_tokens}",
+           f"model.num_generation_tokens={m.num_generation_tokens if last != 'stage1' else 0}",
+           f"model.num_stage3_tokens={m.num_stage3_tokens if last in ('stage3', 'joint') else 0}",
+           f"data.root={cfg.data.root}", f"data.concepts=[{','.join(concepts)}]"]
+    for key in ("preset", "random_init", "seed", "tokenizer_path", "showo_path", "magvit_path"):
+        value = getattr(m, key, None)
+        if value is not None:
+            out.append(f"model.{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+def grpo_command(cfg, overrides: list[str]) -> str:
+    """A ready ``python -m launch.train`` line for the result (tiny_cpu for the tiny preset, else h100x8)."""
+    import shlex
+
+    base = "configs/tiny_cpu.yaml" if cfg.model.preset == "tiny" else "configs/h100x8.yaml"
+    return " ".join(["python -m launch.train --config", base, *(shlex.quote(o) for o in overrides)])
 
 
 def _summarise(summary: dict, rep: dict) -> None:
@@ -130,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_injection(cfg)
     log.info("injection finished in %.1fs; outputs in %s", summary["seconds"], cfg.run_dir)
     print("GRPO overrides: " + " ".join(summary["grpo_overrides"]))
+    print(f"GRPO job: {summary['grpo_command']}")
     print(f"run folder: {cfg.run_dir}")
     return 0
 

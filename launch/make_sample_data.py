@@ -1,20 +1,26 @@
-"""Write the small sample concept dataset: ``python -m launch.make_sample_data OUT [--force] [--image-size N]``."""
+"""Write the small sample concept dataset (a human, an animal, an object) in the UniCTokens / UnifyBench++ layout.
+
+examples:
+    python -m launch.make_sample_data data/sample
+    python -m launch.make_sample_data /tmp/sample128 --image-size 128 --force
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 
-from rl.sample_data import write_sample_dataset
-
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entrypoint; returns the process exit code."""
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m launch.make_sample_data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="output folder (created; must be empty unless --force)")
     p.add_argument("--force", action="store_true", help="replace a sample dataset previously written there")
     p.add_argument("--image-size", type=int, default=512, help="side of the concept images in pixels")
     args = p.parse_args(argv)
+    from rl.sample_data import write_sample_dataset
+
     t0 = time.perf_counter()
     try:
         write_sample_dataset(args.out, force=args.force, image_size=args.image_size)

@@ -1,5 +1,6 @@
 """Change one reward expert's replica count while training runs, without touching the others.
 
+examples:
     python -m launch.scale der 3                          # join the local cluster (RAY_ADDRESS or auto)
     python -m launch.scale der 1 --address 127.0.0.1:6379 --app-name rewards
     python -m launch.scale --status                       # replicas of every expert
@@ -15,13 +16,15 @@ import json
 import logging
 import sys
 
-from actors.reward_serve import ALL_EXPERTS, replicas, scale_expert
+EXPERTS = ("tier", "ber", "der", "fer", "clip")
+"""The reward experts (``actors.reward_serve.ALL_EXPERTS``; repeated here so ``--help`` needs no Ray import)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(prog="python -m launch.scale", description=__doc__.split("\n")[0])
-    p.add_argument("expert", nargs="?", choices=ALL_EXPERTS, help="expert to scale")
+    p = argparse.ArgumentParser(prog="python -m launch.scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("expert", nargs="?", choices=EXPERTS, help="expert to scale")
     p.add_argument("replicas", nargs="?", type=int, help="new replica count (>= 0)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else 'auto')")
     p.add_argument("--app-name", default="rewards", help="serve.app_name of the run (default: rewards)")
@@ -36,8 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def status(app_name: str) -> dict[str, list[dict]]:
     """``{expert: replicas}`` of every deployed expert of ``app_name``."""
+    from actors.reward_serve import replicas
+
     out = {}
-    for expert in ALL_EXPERTS:
+    for expert in EXPERTS:
         try:
             out[expert] = replicas(app_name, expert)
         except ValueError:
@@ -47,14 +52,15 @@ def status(app_name: str) -> dict[str, list[dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    args = parse_args(argv)   # before the heavy imports: --help and usage errors answer at once
     import os
 
     import ray
 
     from actors.ray_env import start_local_ray
+    from actors.reward_serve import scale_expert
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
     if not ray.is_initialized():
         start_local_ray(address=args.address or os.environ.get("RAY_ADDRESS") or "auto")
     if args.status:

@@ -1,7 +1,10 @@
-"""Train with UniCTask-GRPO: the embedded CPU default and the ``ray job submit`` entrypoint.
+r"""Train with UniCTask-GRPO: the embedded CPU default and the ``ray job submit`` entrypoint.
 
+examples:
     python -m launch.train --config configs/tiny_cpu.yaml
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+    python -m launch.train --config configs/tiny_cpu.yaml run.steps=3 run.trackers=[tensorboard,mlflow]
+    python -m launch.train --config configs/tiny_cpu.yaml --resume auto
+    ray job submit --address http://127.0.0.1:8265 --runtime-env configs/runtime_env.yaml -- \
         python -m launch.train --config configs/h100x8.yaml run.output_root=/shared/runs
 
 Positional ``key.sub=value`` arguments override config fields. ``--resume auto`` continues from the run's
@@ -18,13 +21,15 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")   # Serve's INFO lines go to its log files, not the job log
 
 log = logging.getLogger("launch.train")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny_cpu.yaml",
                         help="YAML config (a path, or a name in configs/: tiny_cpu, h100x8, h100x8_colocated)")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint folder")
@@ -63,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from actors.controller import Preempted, Trainer
-    from actors.ray_env import start_ray_from_config
+    from actors.prom_export import RUN_ENV, submission_id
+    from actors.ray_env import start_local_ray
     from configs.schema import load_config
 
     try:
@@ -72,7 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:   # ConfigError, DatasetError, missing paths: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    start_ray_from_config(cfg.ray)
+    os.environ[RUN_ENV] = cfg.run.name   # the run label of metrics recorded in this process and the job's actors
+    rc = cfg.ray
+    start_local_ray(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
+                    dashboard_host=rc.dashboard_host, metrics_export_port=rc.metrics_export_port, address=rc.address,
+                    runtime_env={"env_vars": {RUN_ENV: cfg.run.name,
+                                              "RAY_SERVE_LOG_TO_STDERR": os.environ["RAY_SERVE_LOG_TO_STDERR"]}})
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    import ray
+
+    log.info("run %s: job %s%s, %d steps", cfg.run.name, ray.get_runtime_context().get_job_id(),
+             f" (submission {submission_id()})" if submission_id() else "", cfg.run.steps)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=args.resume, dataset=dataset)
     try:

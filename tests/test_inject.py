@@ -252,3 +252,81 @@ def test_inject_job_then_grpo_rollout_on_the_checkpoint(root, tmp_path, ray_clus
     res = RolloutEngine(gcfg, policy, ds, local_scorer(gcfg, ds)).generate_group(
         GroupRequest(step=0, prompt_index=0, concept=CONCEPT, threshold=None))
     assert len(res.samples) == 2 and all(np.isfinite(s.reward) for s in res.samples)
+
+
+
+@pytest.mark.slow
+def test_inject_then_grpo_job_with_the_printed_command(root, tmp_path, ray_cluster, capsys, caplog):
+    """The chain as an operator runs it: the injection job prints a `python -m launch.train` line; that line, run
+    unchanged (plus a shorter run), trains on the injected rows and logs which checkpoint it loaded."""
+    import logging
+    import shlex
+
+    from launch.inject import main as inject_main
+    from launch.train import main as train_main
+
+    torch.set_num_threads(1)
+    ov = [f"data.root={root}", f"run.output_root={tmp_path}", "run.name=inj2", "inject.stages=[stage1,stage2]",
+          "model.num_stage3_tokens=0", "inject.stage1.epochs=1", "inject.stage1.save_every=1",
+          "inject.stage2.epochs=1", "inject.stage2.save_every=1", "run.tensorboard=false"]
+    assert inject_main(["--config", "inject_tiny", *ov]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("GRPO job: ")]
+    assert len(printed) == 1
+    argv = shlex.split(printed[0][len("GRPO job: "):])
+    assert argv[:4] == ["python", "-m", "launch.train", "--config"]
+    assert f"data.concepts=[{CONCEPT}]" in argv and f"data.root={root}" in argv
+    summary = json.loads((tmp_path / "inj2" / "inject_summary.json").read_text())
+    assert (tmp_path / "inj2" / "grpo_overrides.txt").read_text().split() == summary["grpo_overrides"]
+    caplog.set_level(logging.INFO)
+    import importlib.util
+
+    trackers = ["tensorboard"] + [t for t in ("wandb", "mlflow") if importlib.util.find_spec(t) is not None]
+    short = [f"run.output_root={tmp_path}", "run.name=grpo", "run.steps=1", "run.image_grid_every=1",
+             f"run.trackers=[{','.join(trackers)}]",
+             "rollout.group_size=2", "sampler.timesteps=4", "dsog.screen_step=2", "rollout.answer_max_new_tokens=4",
+             "objective.max_answer_tokens=4", f"serve.http_port={_free_port()}"]
+    assert train_main(argv[3:] + short) == 0
+    ckpt = summary["grpo_overrides"][0].split("=", 1)[1]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("concept checkpoint for")]
+    assert lines and ckpt in lines[0] and "epoch 1" in lines[0] and "25 rows" in lines[0], lines
+    assert "<chelsea> <token_0>" in lines[0] or f"<{CONCEPT}> <token_0>" in lines[0]
+    recs = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0] and recs[0]["concepts"] == CONCEPT
+    if "mlflow" in trackers:   # the trainer's trackers got the step's scalars, the grid and the reward curves
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=(tmp_path / "grpo" / "mlflow").as_uri())
+        (mrun,) = client.search_runs([client.get_experiment_by_name("unictask-grpo").experiment_id])
+        assert mrun.data.metrics["reward/total"] == pytest.approx(recs[0]["reward/total"])
+        arts = {a.path for a in client.list_artifacts(mrun.info.run_id)} | {
+            a.path for a in client.list_artifacts(mrun.info.run_id, "images")}
+        assert {"config.json", "reward_curves.png", "images/step_000001.png"} <= arts
+    if "wandb" in trackers:
+        assert list((tmp_path / "grpo" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_grpo_setup_names_the_concept_checkpoint_and_rejects_wrong_token_counts(tmp_path):
+    from actors.setup_log import concept_checkpoint_lines
+
+    for part, shape in (("embed", (25, 8)), ("lm_head_weight", (25, 8)), ("lm_head_bias", (25,))):
+        torch.save(torch.zeros(shape), tmp_path / f"epoch_3_{part}.pt")
+    m = ModelConfig.tiny()
+    m.concept_checkpoint_dir, m.concept_checkpoint_epoch = str(tmp_path), 3
+    m.num_understanding_tokens, m.num_generation_tokens, m.num_stage3_tokens = 16, 8, 0
+    (line,) = concept_checkpoint_lines(m, [CONCEPT])
+    assert line.startswith(f"concept checkpoint for {CONCEPT}: {tmp_path} epoch 3 (epoch_3_embed.pt")
+    assert "25 rows = tokens <chelsea> <token_0> <token_1> <token_2> ... <token_23>" in line
+    m.num_stage3_tokens = 8
+    with pytest.raises(ValueError, match=r"has 25 rows but the model config asks for 33"):
+        concept_checkpoint_lines(m, [CONCEPT])
+    m.concept_checkpoint_epoch = 4
+    with pytest.raises(FileNotFoundError, match=r"epoch_4_embed.pt"):
+        concept_checkpoint_lines(m, [CONCEPT])

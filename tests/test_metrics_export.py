@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 import uuid
@@ -21,12 +22,16 @@ METRICS = {"step": 0, "reward/total": 0.5, "reward/der": 0.7, "reward/std": 0.1,
 
 
 def test_jsonl_tensorboard_line_and_resume_truncation(tmp_path):
-    logger = MetricsLogger(tmp_path, ray_metrics=False)
+    logger = MetricsLogger(tmp_path, ray_metrics=False, total_steps=5)
     for step in range(3):
         logger.log(dict(METRICS, step=step, **{"reward/total": 0.1 * step}))
-    line = logger.line(dict(METRICS, step=2))
+    line = logger.line(dict(METRICS, step=2, concepts="astro,chelsea"))
     header, row = line.splitlines()
-    assert header.split()[:3] == ["step", "reward", "adv_sd"] and row.split()[:2] == ["2", "0.5000"]
+    assert header.split()[:3] == ["step", "reward", "adv_sd"] and row.split()[:2] == ["3/5", "0.5000"]
+    assert header.split()[-4:] == ["elapsed", "eta", "time", "concept"]
+    elapsed, eta, clock, concept = row.split()[-4:]
+    assert re.fullmatch(r"\d+:\d\d:\d\d", elapsed) and re.fullmatch(r"\d+:\d\d:\d\d", eta)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", clock) and concept == "astro,chelsea"
     assert "-" in row.split()   # NaN threshold is shown as '-'
     assert "\n" not in logger.line(METRICS)
     logger.close()
@@ -97,3 +102,38 @@ def test_custom_metrics_reach_the_prometheus_endpoint(ray_cluster, tmp_path):
         assert any(line.startswith(name + "{") for line in ours), (name, ours[:5])
     total = next(line for line in ours if line.startswith("ray_grpo_reward_total{"))
     assert float(total.rsplit(" ", 1)[1]) == pytest.approx(0.5)
+    assert f'job="{ray.get_runtime_context().get_job_id()}"' in total
+    logger.close()
+
+
+@pytest.mark.slow
+def test_injection_series_are_named_inject_and_reward_failures_exist_at_zero(ray_cluster, tmp_path):
+    import ray
+
+    from actors import reward_metrics
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    run = f"inj-{uuid.uuid4().hex[:8]}"
+    logger = MetricsLogger(tmp_path, tensorboard=False, run_name=run, prefix="inject")
+    expert = f"probe{uuid.uuid4().hex[:6]}"
+    reward_metrics.set_replicas(expert, 2)
+    deadline, ours = time.monotonic() + 40.0, []
+    while time.monotonic() < deadline:
+        logger.log({"step": 0, "chelsea/stage1/loss": 1.5})
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            text = ""
+        ours = [line for line in text.splitlines() if f'run="{run}"' in line or f'expert="{expert}"' in line]
+        if any(x.startswith("ray_inject_steps_total{") for x in ours) and any(
+                x.startswith("ray_reward_serve_failures_total{") for x in ours):
+            break
+        time.sleep(2.0)
+    logger.close()
+    assert any(x.startswith("ray_inject_chelsea_stage1_loss{") for x in ours), ours[:5]
+    assert any(x.startswith("ray_inject_steps_total{") for x in ours)
+    assert not any(x.startswith("ray_grpo_") for x in ours)              # injection never counts as GRPO steps
+    fails = [x for x in ours if x.startswith("ray_reward_serve_failures_total{")]
+    assert {re.search(r'kind="(\w+)"', x).group(1) for x in fails} == set(reward_metrics.FAILURE_KINDS)
+    assert all(float(x.rsplit(" ", 1)[1]) == 0.0 for x in fails)
+    assert any(x.startswith("ray_reward_serve_replicas{") and x.endswith(" 2.0") for x in ours)
