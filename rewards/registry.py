@@ -17,6 +17,7 @@ EXPERTS: dict[str, tuple[str, str, str]] = {
     "der": ("rewards.der", "DerExpert", "DerConfig"),
     "fer": ("rewards.fer", "FerExpert", "FerConfig"),
     "clip": ("rewards.clip_score", "ClipExpert", "ClipConfig"),
+    "unipercept": ("rewards.unipercept", "UniPerceptExpert", "UniPerceptConfig"),
 }
 """expert name -> (module, expert class, config class)."""
 
