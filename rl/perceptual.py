@@ -29,7 +29,7 @@ def build_perceptual_scorer(cfg, device: Any = None):
     config = ecfg.expert_config("unipercept")
     if device is not None:
         config = dataclasses.replace(config, device=str(device))
-    return build_expert("unipercept", config, python=ecfg.python or None)
+    return build_expert("unipercept", config, python=ecfg.interpreter("unipercept") or None)
 
 
 def perceptual_metrics(scorer, images: np.ndarray, gen: list[dict]) -> dict[str, float | None]:

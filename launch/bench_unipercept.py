@@ -1,0 +1,134 @@
+"""Benchmark: the batched UniPercept expert vs the package's own per-image ``reward()``, same checkpoint, same run.
+
+    python -m launch.bench_unipercept                      # tiny checkpoint, CPU, 16 images
+    python -m launch.bench_unipercept --images 32 --batch-size 16 --device cuda
+    python -m launch.bench_unipercept --model-path /models/UniPercept --dtype bfloat16 --device cuda
+
+Runs in the UniPercept environment (re-executes itself there when started from the project interpreter; build it
+with ``python -m launch.build_reward_env unipercept``). Both sides get the same uint8 images: the package as PNG
+files (its only input; writing them is not timed), the expert as arrays. Both run in ``--dtype`` (fp32 default, so
+the scores can be compared); the largest absolute difference of the 0-100 scores is reported. Prints a Markdown
+table with the ratio to the package, then ``NAME: VALUE`` lines.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "run"]
+
+
+def _in_env() -> bool:
+    try:
+        import transformers
+        import unipercept_reward  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure means: not the UniPercept environment
+        return False
+    from rewards.unipercept import REQUIRED_TRANSFORMERS
+
+    return transformers.__version__ == REQUIRED_TRANSFORMERS
+
+
+def _images(n: int, size: int, seed: int) -> list[np.ndarray]:
+    """Smooth random images (a few low-frequency waves plus noise), varied content per image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        f = rng.uniform(1, 6, (3, 2))
+        base = np.stack([np.sin(2 * np.pi * (f[c, 0] * xx + f[c, 1] * yy) + rng.uniform(0, 6)) for c in range(3)], -1)
+        img = 127.5 + 100 * base + rng.normal(0, rng.uniform(0, 40), base.shape)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
+def run(args) -> dict:
+    """Time both scorers and compare their scores; returns the numbers."""
+    import torch
+    from PIL import Image
+
+    from rewards.unipercept import DIMENSIONS, UniPerceptConfig, UniPerceptExpert
+    from rewards.unipercept_tiny import build_tiny_checkpoint
+    from unipercept_reward import UniPerceptRewardInferencer
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    tmp = Path(tempfile.mkdtemp(prefix="bench-unipercept-"))
+    ckpt = args.model_path or str(build_tiny_checkpoint(tmp / "tiny", seed=0))
+    images = _images(args.images, args.size, seed=1)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(str(tmp / f"{i}.png"))
+        Image.fromarray(im).save(paths[-1])
+    dtype = getattr(torch, args.dtype)
+    expert = UniPerceptExpert(UniPerceptConfig(model_path=ckpt, device=args.device, dtype=args.dtype,
+                                               batch_size=args.batch_size))
+    package = UniPerceptRewardInferencer(model_path=ckpt, device=args.device, dtype=dtype)
+
+    def timed(fn):
+        fn(2)                                       # warm-up on two images
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(len(images))
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    ref, t_pkg = timed(lambda n: package.reward(paths[:n]))
+    if any(r is None for r in ref):
+        raise RuntimeError("the package's reward() returned None for some image (it swallows its errors)")
+    mine, t_batched = timed(lambda n: expert.dimension_scores(images[:n]))
+    diff = max(abs(r[k] - float(mine[k][i])) for i, r in enumerate(ref) for k in DIMENSIONS)
+    return {"images": len(images), "t_package": t_pkg, "t_batched": t_batched, "max_abs_diff": diff,
+            "checkpoint": "tiny random-init" if not args.model_path else args.model_path}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m launch.bench_unipercept", description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=16, help="images scored by each side")
+    ap.add_argument("--size", type=int, default=256, help="side of the generated test images (resized to 448)")
+    ap.add_argument("--batch-size", type=int, default=8, help="batched expert: images per micro-batch")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--model-path", default=None, help="a local UniPercept checkpoint (default: the tiny one)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--python", default=None, help="UniPercept interpreter (default: serve.unipercept.python)")
+    args = ap.parse_args(argv)
+    if args.images < 2 or args.batch_size < 1:
+        ap.error("--images must be >= 2 and --batch-size >= 1")
+    if not _in_env():
+        from actors.reward_serve import UNIPERCEPT_PYTHON
+        from rewards.expert_env import PROJECT_ROOT, check_python, resolve_python
+
+        python = resolve_python(args.python or UNIPERCEPT_PYTHON)
+        check_python(python, "unipercept")
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+        argv = sys.argv[1:] if argv is None else argv
+        return subprocess.call([str(python), "-m", "launch.bench_unipercept", *argv], env=env)
+    r = run(args)
+    sps_pkg, sps_b = r["images"] / r["t_package"], r["images"] / r["t_batched"]
+    print(f"UniPercept scoring, {r['images']} images of {args.size} px, {r['checkpoint']}, {args.device}, "
+          f"{args.dtype}, 3 dimensions each\n")
+    print("| scorer | seconds | samples/s | ratio |")
+    print("|---|---|---|---|")
+    print(f"| package `reward()` (per image, files) | {r['t_package']:.2f} | {sps_pkg:.2f} | 1.00x |")
+    print(f"| batched expert (batch {args.batch_size}, arrays) | {r['t_batched']:.2f} | {sps_b:.2f} | "
+          f"{sps_b / sps_pkg:.2f}x |")
+    print()
+    print(f"UNIPERCEPT_PACKAGE_SAMPLES_PER_S: {sps_pkg:.3f}")
+    print(f"UNIPERCEPT_BATCHED_SAMPLES_PER_S: {sps_b:.3f}")
+    print(f"UNIPERCEPT_SPEEDUP: {sps_b / sps_pkg:.3f}")
+    print(f"UNIPERCEPT_MAX_ABS_DIFF: {r['max_abs_diff']:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
