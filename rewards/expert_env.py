@@ -101,6 +101,7 @@ def check_python(python: str | os.PathLike, expert: str, timeout_s: float = 60.0
     python = Path(python)
     field = f"serve.{expert}.python"
     hint = "build it with `python -m launch.build_reward_env {}`"
+    fix = "rebuild it with `python -m launch.build_reward_env {} --force`"
     root = python.parent.parent
     marker = root / MARKER
     info = json.loads(marker.read_text()) if marker.is_file() else None
@@ -118,25 +119,25 @@ def check_python(python: str | os.PathLike, expert: str, timeout_s: float = 60.0
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ExpertEnvError(f"reward expert {expert!r}: {field} = {str(python)!r} is broken ({tail}); "
-                             + hint.format(name) + " --force")
+                             + fix.format(name))
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     if tuple(found["python"]) != tuple(sys.version_info[:2]):
         raise ExpertEnvError(f"reward expert {expert!r}: {field} runs Python {'.'.join(map(str, found['python']))}"
                              f", the driver {sys.version_info[0]}.{sys.version_info[1]} (Ray needs the same)")
     if not found["ray"]:
         raise ExpertEnvError(f"reward expert {expert!r}: Ray does not import in {field} = {str(python)!r}; "
-                             + hint.format(name) + " --force")
+                             + fix.format(name))
     if info:
         wrong = {n: (v, found["versions"].get(n)) for n, v in pins.items() if found["versions"].get(n) != v}
         if wrong:
             desc = ", ".join(f"{n} {have or 'missing'} (lock {want})" for n, (want, have) in sorted(wrong.items()))
             raise ExpertEnvError(f"reward expert {expert!r}: environment {str(root)!r} is broken: {desc}; "
-                                 + hint.format(name) + " --force")
+                                 + fix.format(name))
         at = found.get("transformers_at") or ""
         if "transformers" in pins and not Path(at).resolve().is_relative_to(Path(found["prefix"]).resolve()):
             raise ExpertEnvError(f"reward expert {expert!r}: in {str(root)!r} transformers comes from {at!r}, not "
-                                 f"from the environment itself; " + hint.format(name) + " --force")
+                                 f"from the environment itself; " + fix.format(name))
         if info.get("lock_sha256") != lock_digest(name):
             raise ExpertEnvError(f"reward expert {expert!r}: environment {str(root)!r} was built from an older "
-                                 f"envs/{name}/requirements.lock; " + hint.format(name) + " --force")
+                                 f"envs/{name}/requirements.lock; " + fix.format(name))
     return found
