@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,15 @@ def _images(n: int, size: int, seed: int) -> list[np.ndarray]:
 
 
 def run(args) -> dict:
-    """Time both scorers and compare their scores; returns the numbers."""
+    """Time both scorers and compare their scores; returns the numbers (temporary files are removed)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-unipercept-"))
+    try:
+        return _measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measure(args, tmp: Path) -> dict:
     import torch
     from PIL import Image
 
@@ -58,8 +67,8 @@ def run(args) -> dict:
     from rewards.unipercept_tiny import build_tiny_checkpoint
     from unipercept_reward import UniPerceptRewardInferencer
 
-    torch.set_num_threads(args.threads) if args.threads else None
-    tmp = Path(tempfile.mkdtemp(prefix="bench-unipercept-"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpt = args.model_path or str(build_tiny_checkpoint(tmp / "tiny", seed=0))
     images = _images(args.images, args.size, seed=1)
     paths = []
