@@ -1,6 +1,7 @@
 """Benchmark: the batched UniPercept expert vs the package's own per-image ``reward()``, same checkpoint, same run.
 
     python -m launch.bench_unipercept                      # tiny checkpoint, CPU, 16 images
+    python -m launch.bench_unipercept --arch small         # 256 image tokens per image, like the real model
     python -m launch.bench_unipercept --images 32 --batch-size 16 --device cuda
     python -m launch.bench_unipercept --model-path /models/UniPercept --dtype bfloat16 --device cuda
 
@@ -69,7 +70,7 @@ def _measure(args, tmp: Path) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = args.model_path or str(build_tiny_checkpoint(tmp / "tiny", seed=0))
+    ckpt = args.model_path or str(build_tiny_checkpoint(tmp / "tiny", seed=0, arch=args.arch))
     images = _images(args.images, args.size, seed=1)
     paths = []
     for i, im in enumerate(images):
@@ -96,7 +97,7 @@ def _measure(args, tmp: Path) -> dict:
     mine, t_batched = timed(lambda n: expert.dimension_scores(images[:n]))
     diff = max(abs(r[k] - float(mine[k][i])) for i, r in enumerate(ref) for k in DIMENSIONS)
     return {"images": len(images), "t_package": t_pkg, "t_batched": t_batched, "max_abs_diff": diff,
-            "checkpoint": "tiny random-init" if not args.model_path else args.model_path}
+            "checkpoint": f"{args.arch} random-init" if not args.model_path else args.model_path}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="batched expert: images per micro-batch")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--model-path", default=None, help="a local UniPercept checkpoint (default: the tiny one)")
+    ap.add_argument("--model-path", default=None, help="a local UniPercept checkpoint (default: a random-init one)")
+    ap.add_argument("--arch", default="tiny", choices=["tiny", "small"],
+                    help="random-init size: tiny (16 image tokens) or small (256 image tokens, like the real model)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--python", default=None, help="UniPercept interpreter (default: serve.unipercept.python)")
     args = ap.parse_args(argv)

@@ -174,8 +174,8 @@ class UniPerceptExpert(RewardExpert):
         return self.to_model(model), tokenizer
 
     def _prepare_prompts(self, get_conv_template) -> None:
-        """Token ids of each dimension's full prompt (identical for every image: the image is a fixed number of
-        ``<IMG_CONTEXT>`` tokens), the positions of those tokens, and the 101 score-token ids."""
+        """Token ids of each dimension's prompt (identical for every image: the image is a fixed number of
+        ``<IMG_CONTEXT>`` tokens), split into the prefix they share and padded suffixes, and the score-token ids."""
         from rewards.unipercept_tiny import SCORE_TOKENS
 
         tok, model = self.tokenizer, self.model
@@ -196,13 +196,23 @@ class UniPerceptExpert(RewardExpert):
                 raise ValueError(f"unipercept: the prompt of {dim!r} does not hold {model.num_image_token} image "
                                  f"tokens after tokenization")
             self.prompts.append(ids)
-        lengths = [len(p) for p in self.prompts]
+        # The prompts share a prefix (system turn, the image, "Rate the"): it runs once per image and its K/V
+        # cache is reused by the dimension-specific suffixes. At least one token stays in every suffix.
+        prefix = 0
+        while prefix < min(len(p) for p in self.prompts) - 1 and len({int(p[prefix]) for p in self.prompts}) == 1:
+            prefix += 1
+        if int((self.prompts[0][prefix:] == self.img_context_id).sum()):
+            prefix = 0                   # the image tokens are not all shared: no prefix reuse
+        self._prefix = self.prompts[0][:prefix].to(self.device)
+        suffixes = [p[prefix:] for p in self.prompts]
+        lengths = [len(p) for p in suffixes]
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(self.prompts), max(lengths)), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(self.prompts):
+        ids = torch.full((len(suffixes), max(lengths)), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(suffixes), prefix + max(lengths)), dtype=torch.long)
+        mask[:, :prefix] = 1
+        for i, p in enumerate(suffixes):
             ids[i, :len(p)] = p
-            mask[i, :len(p)] = 1
+            mask[i, prefix:prefix + len(p)] = 1
         self._ids, self._mask = ids.to(self.device), mask.to(self.device)
         self._last = torch.tensor(lengths, device=self.device) - 1
         self._weights101 = torch.arange(101, dtype=torch.float32, device=self.device)
@@ -222,19 +232,32 @@ class UniPerceptExpert(RewardExpert):
         return torch.stack(out).to(device=self.device, dtype=self.dtype)
 
     # --------------------------------------------------------------------------------------------- scoring
+    def _with_image(self, ids: torch.Tensor, vit: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of ``ids`` [m, L] with the ``<IMG_CONTEXT>`` positions replaced by ``vit`` [m, T, C]."""
+        embeds = self.model.language_model.get_input_embeddings()(ids)
+        selected = ids == self.img_context_id
+        if bool(selected.any()):
+            embeds[selected] = vit.reshape(-1, vit.shape[-1]).to(embeds.dtype)
+        return embeds
+
     def _dimension_chunk(self, images) -> torch.Tensor:
         """float32 ``[n, D]`` 0-100 scores of one micro-batch."""
-        model = self.model
-        vit = model.extract_feature(self.pixels(images))                      # once per image: [n, T, C]
+        lm = self.model.language_model
+        vit = self.model.extract_feature(self.pixels(images))                 # once per image: [n, T, C]
         n, d = vit.shape[0], len(self.prompts)
-        ids = self._ids.repeat(n, 1)                                          # row i*d + k: image i, dimension k
-        embeds = model.language_model.get_input_embeddings()(ids)
-        selected = ids == self.img_context_id
-        embeds[selected] = vit.repeat_interleave(d, dim=0).reshape(-1, vit.shape[-1]).to(embeds.dtype)
-        hidden = model.language_model.model(inputs_embeds=embeds, attention_mask=self._mask.repeat(n, 1),
-                                            use_cache=False).last_hidden_state
+        cache = None
+        if len(self._prefix):                                                 # shared prefix: once per image
+            prefix = self._prefix.expand(n, -1)
+            cache = lm.model(inputs_embeds=self._with_image(prefix, vit), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(d)                                  # row i*d + k: image i, dimension k
+            vit = vit[:0]
+        else:
+            vit = vit.repeat_interleave(d, dim=0)
+        ids = self._ids.repeat(n, 1)
+        hidden = lm.model(inputs_embeds=self._with_image(ids, vit), attention_mask=self._mask.repeat(n, 1),
+                          past_key_values=cache, use_cache=cache is not None).last_hidden_state
         last = hidden[torch.arange(n * d, device=self.device), self._last.repeat(n)]
-        logits = model.language_model.lm_head(last)[:, self.score_ids].float()
+        logits = lm.lm_head(last)[:, self.score_ids].float()
         return (torch.softmax(logits, dim=-1) @ self._weights101).view(n, d)
 
     def dimension_scores(self, images) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["SCORE_TOKENS", "SPECIAL_TOKENS", "build_tiny_checkpoint"]
+__all__ = ["ARCHS", "SCORE_TOKENS", "SPECIAL_TOKENS", "build_tiny_checkpoint"]
 
 
 def _score_token(n: int) -> str:
@@ -62,12 +62,23 @@ def _write_tokenizer(dest: Path) -> None:
     tok.save_pretrained(str(dest))
 
 
-def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random-init UniPercept checkpoint (model + tokenizer) to ``dest``; returns its path.
+ARCHS: dict[str, dict] = {
+    "tiny": {},
+    "small": dict(vision=dict(patch_size=14, hidden_size=128, num_attention_heads=4, intermediate_size=256),
+                  llm=dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)),
+}
+"""Random-init sizes: "tiny" (16 image tokens, 32 wide; tests) and "small" (patch 14: the real checkpoint's 256
+image tokens per 448 px image, 128 / 256 wide; benchmarks)."""
+
+
+def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = 0, arch: str = "tiny") -> Path:
+    """Write a random-init UniPercept checkpoint (model + tokenizer) of size ``arch`` to ``dest``; returns its path.
 
     Deterministic for a given ``seed``. The directory is written next to ``dest`` and renamed into place, so
     concurrent builders never see a half-written checkpoint; an existing complete ``dest`` is kept.
     """
+    if arch not in ARCHS:
+        raise ValueError(f"unipercept: unknown tiny arch {arch!r}; known: {sorted(ARCHS)}")
     import torch
     from transformers import AutoTokenizer
 
@@ -81,14 +92,16 @@ def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = 0) -> Path:
     try:
         _write_tokenizer(work)
         vocab_size = len(AutoTokenizer.from_pretrained(str(work), trust_remote_code=True, use_fast=False))
-        config = InternVLChatConfig(vision_config=dict(TINY_VISION), llm_config=dict(TINY_LLM, vocab_size=vocab_size),
+        vision = dict(TINY_VISION, **ARCHS[arch].get("vision", {}))
+        llm = dict(TINY_LLM, vocab_size=vocab_size, **ARCHS[arch].get("llm", {}))
+        config = InternVLChatConfig(vision_config=vision, llm_config=llm,
                                     downsample_ratio=0.5, template="internvl2_5", ps_version="v2", select_layer=-1,
                                     force_image_size=448, dynamic_image_size=False, use_thumbnail=False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = InternVLChatModel(config, use_flash_attn=False)
             for p in model.parameters():   # visible logit spread: the package's init leaves near-uniform scores
-                torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
+                torch.nn.init.normal_(p, std=0.2 * (32 / p.shape[-1]) ** 0.5) if p.dim() > 1 else None
         model.config.architectures = ["InternVLChatModel"]
         model.save_pretrained(str(work), safe_serialization=True)
         try:
