@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -210,8 +211,6 @@ class RewardReplica:
 
     def describe(self) -> dict:
         """What the expert reads, which concepts it has references for, and the interpreter it runs in."""
-        import sys
-
         return {"expert": self.name, "replica": self.replica_id, "requires": list(self.expert.requires),
                 "uses_references": self.expert.uses_references, "concepts": self.concepts, "python": sys.executable}
 

@@ -171,8 +171,6 @@ def _tiny_expert(**kw) -> ExpertServeConfig:
                                        health_check_timeout_s=30.0, preset="tiny"), **kw})
 
 
-
-
 @dataclass
 class ServeConfig:
     """Ray Serve deployments of the reward experts, the client policy and the ensemble weights."""

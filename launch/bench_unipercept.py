@@ -2,7 +2,7 @@
 
     python -m launch.bench_unipercept                      # tiny checkpoint, CPU, 16 images
     python -m launch.bench_unipercept --arch small         # 256 image tokens per image, like the real model
-    python -m launch.bench_unipercept --images 32 --batch-size 16 --device cuda
+    python -m launch.bench_unipercept --images 32 --batch-sizes 1,8,16 --device cuda
     python -m launch.bench_unipercept --model-path /models/UniPercept --dtype bfloat16 --device cuda
 
 Runs in the UniPercept environment (re-executes itself there when started from the project interpreter; build it
@@ -78,8 +78,8 @@ def _measure(args, tmp: Path) -> dict:
         paths.append(str(tmp / f"{i}.png"))
         Image.fromarray(im).save(paths[-1])
     dtype = getattr(torch, args.dtype)
-    expert = UniPerceptExpert(UniPerceptConfig(model_path=ckpt, device=args.device, dtype=args.dtype,
-                                               batch_size=args.batch_size))
+    experts = {bs: UniPerceptExpert(UniPerceptConfig(model_path=ckpt, device=args.device, dtype=args.dtype,
+                                                     batch_size=bs)) for bs in args.batch_sizes}
     package = UniPerceptRewardInferencer(model_path=ckpt, device=args.device, dtype=dtype)
 
     def timed(fn):
@@ -91,20 +91,22 @@ def _measure(args, tmp: Path) -> dict:
             torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
-    package_fn = lambda n: package.reward(paths[:n])            # noqa: E731
-    batched_fn = lambda n: expert.dimension_scores(images[:n])  # noqa: E731
-    package_fn(2), batched_fn(2)                                 # warm-up on two images
-    t_pkg, t_batched = [], []
-    for _ in range(args.rounds):    # interleaved rounds, best of each: load from other processes hits both sides
-        ref, t = timed(package_fn)
-        t_pkg.append(t)
-        mine, t = timed(batched_fn)
-        t_batched.append(t)
+    scorers = {"package": lambda n: package.reward(paths[:n])}
+    for bs, e in experts.items():
+        scorers[bs] = lambda n, e=e: e.dimension_scores(images[:n])
+    times: dict = {k: [] for k in scorers}
+    outs: dict = {}
+    for fn in scorers.values():
+        fn(2)                                                    # warm-up on two images
+    for _ in range(args.rounds):    # interleaved rounds, best of each: load from other processes hits all sides
+        for k, fn in scorers.items():
+            outs[k], t = timed(fn)
+            times[k].append(t)
+    ref = outs.pop("package")
     if any(r is None for r in ref):
         raise RuntimeError("the package's reward() returned None for some image (it swallows its errors)")
-    t_pkg, t_batched = min(t_pkg), min(t_batched)
-    diff = max(abs(r[k] - float(mine[k][i])) for i, r in enumerate(ref) for k in DIMENSIONS)
-    return {"images": len(images), "t_package": t_pkg, "t_batched": t_batched, "max_abs_diff": diff,
+    diff = max(abs(r[k] - float(mine[k][i])) for mine in outs.values() for i, r in enumerate(ref) for k in DIMENSIONS)
+    return {"images": len(images), "times": {k: min(v) for k, v in times.items()}, "max_abs_diff": diff,
             "checkpoint": f"{args.arch} random-init" if not args.model_path else args.model_path}
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.bench_unipercept", description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=16, help="images scored by each side")
     ap.add_argument("--size", type=int, default=256, help="side of the generated test images (resized to 448)")
-    ap.add_argument("--batch-size", type=int, default=8, help="batched expert: images per micro-batch")
+    ap.add_argument("--batch-sizes", default="1,8", help="expert micro-batch sizes to time (comma-separated)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--model-path", default=None, help="a local UniPercept checkpoint (default: a random-init one)")
@@ -123,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--python", default=None, help="UniPercept interpreter (default: serve.unipercept.python)")
     args = ap.parse_args(argv)
-    if args.images < 2 or args.batch_size < 1 or args.rounds < 1:
-        ap.error("--images must be >= 2, --batch-size and --rounds >= 1")
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        ap.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    if args.images < 2 or min(args.batch_sizes) < 1 or args.rounds < 1:
+        ap.error("--images must be >= 2, --batch-sizes and --rounds >= 1")
     if not _in_env():
         from actors.reward_serve import UNIPERCEPT_PYTHON
         from rewards.expert_env import PROJECT_ROOT, check_python, resolve_python
@@ -135,18 +141,22 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         return subprocess.call([str(python), "-m", "launch.bench_unipercept", *argv], env=env)
     r = run(args)
-    sps_pkg, sps_b = r["images"] / r["t_package"], r["images"] / r["t_batched"]
-    print(f"UniPercept scoring, {r['images']} images of {args.size} px, {r['checkpoint']}, {args.device}, "
-          f"{args.dtype}, 3 dimensions each, best of {args.rounds} interleaved rounds\n")
+    n, times = r["images"], r["times"]
+    base = n / times["package"]
+    print(f"UniPercept scoring, {n} images of {args.size} px, {r['checkpoint']}, {args.device}, {args.dtype}, "
+          f"3 dimensions each, best of {args.rounds} interleaved rounds\n")
     print("| scorer | seconds | samples/s | ratio |")
-    print("|---|---|---|---|")
-    print(f"| package `reward()` (per image, files) | {r['t_package']:.2f} | {sps_pkg:.2f} | 1.00x |")
-    print(f"| batched expert (batch {args.batch_size}, arrays) | {r['t_batched']:.2f} | {sps_b:.2f} | "
-          f"{sps_b / sps_pkg:.2f}x |")
+    print("|---|---:|---:|---:|")
+    print(f"| package `reward()` (per image, files) | {times['package']:.2f} | {base:.2f} | 1.00x |")
+    best = max(bs for bs in args.batch_sizes if n / times[bs] == max(n / times[b] for b in args.batch_sizes))
+    for bs in args.batch_sizes:
+        print(f"| expert, batch {bs} (arrays) | {times[bs]:.2f} | {n / times[bs]:.2f} | {n / times[bs] / base:.2f}x |")
     print()
-    print(f"UNIPERCEPT_PACKAGE_SAMPLES_PER_S: {sps_pkg:.3f}")
-    print(f"UNIPERCEPT_BATCHED_SAMPLES_PER_S: {sps_b:.3f}")
-    print(f"UNIPERCEPT_SPEEDUP: {sps_b / sps_pkg:.3f}")
+    print(f"UNIPERCEPT_PACKAGE_SAMPLES_PER_S: {base:.3f}")
+    for bs in args.batch_sizes:
+        print(f"UNIPERCEPT_BATCH{bs}_SAMPLES_PER_S: {n / times[bs]:.3f}")
+    print(f"UNIPERCEPT_BEST_BATCH: {best}")
+    print(f"UNIPERCEPT_SPEEDUP: {n / times[best] / base:.3f}")
     print(f"UNIPERCEPT_MAX_ABS_DIFF: {r['max_abs_diff']:.3g}")
     return 0
 

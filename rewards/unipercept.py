@@ -170,6 +170,8 @@ class UniPerceptExpert(RewardExpert):
         except ImportError:
             flash = False
         model = model_cls.from_pretrained(path, torch_dtype=self.dtype, low_cpu_mem_usage=True, use_flash_attn=flash)
+        if not flash:   # the package falls back to eager attention; SDPA is the same math without the big matrices
+            model.language_model.config._attn_implementation = "sdpa"
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, use_fast=False)
         return self.to_model(model), tokenizer
 

@@ -58,13 +58,13 @@ def test_expert_matches_the_package_reward_in_fp32(unipercept_python):
     from rewards.expert_env import PROJECT_ROOT
 
     out = subprocess.run([str(unipercept_python), "-m", "launch.bench_unipercept", "--images", "4", "--size", "96",
-                          "--batch-size", "3"], capture_output=True, text=True, timeout=900,
+                          "--batch-sizes", "1,3", "--rounds", "1"], capture_output=True, text=True, timeout=900,
                          env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
     values = dict(re.findall(r"^(UNIPERCEPT_\w+): (\S+)$", out.stdout, re.M))
     assert float(values["UNIPERCEPT_MAX_ABS_DIFF"]) < 1e-3
-    assert float(values["UNIPERCEPT_BATCHED_SAMPLES_PER_S"]) > 0 and "| package `reward()`" in out.stdout
+    assert float(values["UNIPERCEPT_BATCH3_SAMPLES_PER_S"]) > 0 and "| package `reward()`" in out.stdout
 
 
 def test_scores_ranges_weights_and_batch_invariance(expert):
