@@ -3,9 +3,11 @@
 UniPercept (Cao et al. 2025; PyPI ``unipercept-reward``) is an InternVL chat model asked "Rate the <desc> score
 of the image in 0-100" with the answer coded as two letters (``aa`` = 0 .. ``ey`` = 100). The score of one
 dimension is the expectation of the softmax over the 101 score tokens at the answer position. This expert
-computes exactly that, but batched: per micro-batch the vision tower and projector run once per image, and the
-three prompts (IAA, IQA, ISTA) of every image go through the language model as one padded batch that reuses those
-image features; the softmax and expectation are in float32. Images arrive as uint8 arrays (no files) and are
+computes exactly that, but batched: per micro-batch the vision tower and projector run once per image, the prompt
+prefix the three questions share (system turn, image tokens, "Rate the") runs once per image, and the three
+dimension-specific suffixes (IAA, IQA, ISTA) run as one padded batch on that prefix's K/V cache, with SDPA attention
+where the package falls back to eager; only the 101 score logits of the last position are computed, and the softmax
+and expectation are in float32. Images arrive as uint8 arrays (no files) and are
 resized like the package (PIL bicubic to 448x448, ImageNet mean/std).
 
 ``score`` returns the weighted mean of the configured dimensions times ``scale`` (0.01: the range [0, 1] of the
