@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -209,9 +210,9 @@ class RewardReplica:
         return {"expert": self.name, "replica": self.replica_id, "request_id": request_id, "scores": scores}
 
     def describe(self) -> dict:
-        """What the expert reads and which concepts it has references for."""
+        """What the expert reads, which concepts it has references for, and the interpreter it runs in."""
         return {"expert": self.name, "replica": self.replica_id, "requires": list(self.expert.requires),
-                "uses_references": self.expert.uses_references, "concepts": self.concepts}
+                "uses_references": self.expert.uses_references, "concepts": self.concepts, "python": sys.executable}
 
     async def check_health(self) -> None:
         """Serve's health check: a one-sample self-score (and not too many consecutive internal errors)."""

@@ -30,7 +30,7 @@ from rewards.ensemble import EnsembleConfig
 
 log = logging.getLogger(__name__)
 
-ALL_EXPERTS = ("tier", "ber", "der", "fer", "clip")
+ALL_EXPERTS = ("tier", "ber", "der", "fer", "clip", "unipercept")
 
 
 class RewardRequestError(ValueError):
@@ -44,6 +44,10 @@ class RewardServiceError(RuntimeError):
         super().__init__(f"reward expert {expert!r} failed: {cause}")
         self.expert = expert
         self.cause = cause
+
+
+_INTERPRETER_KEYS = ("py_executable", "pip", "uv", "conda", "container", "image_uri")
+"""runtime_env fields that choose the replicas' interpreter themselves."""
 
 
 @dataclass
@@ -86,6 +90,15 @@ class ExpertServeConfig:
     """Expert config preset: "real" (the expert config's defaults) or "tiny" (its ``tiny()``)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Fields set on the expert's own config (rewards/<expert>.py), e.g. {"model_path": "/models/dinov2"}."""
+    python: str = "auto"
+    """Interpreter the replicas run in: "auto" = the expert's own environment if it has one (unipercept:
+    .venv-unipercept/bin/python, built by ``python -m launch.build_reward_env unipercept``) unless ``runtime_env``
+    picks the interpreter, else the driver's; "" = the driver's; or a path (relative = from the repository root).
+    Passed to Ray as ``runtime_env.py_executable``, so it must exist at this path on every node; deploying checks
+    it first and fails with the fix."""
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    """Extra Ray runtime_env of the replicas (e.g. ``{"env_vars": {...}}``, or ``{"pip": {...}}`` to let Ray build
+    the environment on each node instead of ``python``; see the README)."""
 
     def validate(self) -> None:
         """Bounds of every count and time (errors name the field)."""
@@ -98,6 +111,36 @@ class ExpertServeConfig:
             raise ValueError("timeout_s must be > 0, retries and batch_wait_timeout_s >= 0")
         if self.preset not in ("real", "tiny"):
             raise ValueError(f"preset must be 'real' or 'tiny', got {self.preset!r}")
+        if not isinstance(self.python, str):
+            raise ValueError(f"python must be a path string ('' = the driver's interpreter), got {self.python!r}")
+        if not isinstance(self.runtime_env, dict):
+            raise ValueError(f"runtime_env must be a mapping, got {type(self.runtime_env).__name__}")
+        explicit = self.python not in ("", "auto")
+        clash = sorted(k for k in _INTERPRETER_KEYS if k in self.runtime_env and (explicit or k == "py_executable"))
+        if clash:
+            raise ValueError(f"runtime_env.{clash[0]} conflicts with python = {self.python!r}: the interpreter is set "
+                             f"by 'python' (set it to '' or 'auto' to let runtime_env choose)")
+
+    def interpreter(self, expert: str) -> str:
+        """The ``python`` setting resolved for ``expert`` ("" = the driver's interpreter or runtime_env's choice)."""
+        if self.python != "auto":
+            return self.python
+        if any(k in self.runtime_env for k in _INTERPRETER_KEYS):
+            return ""
+        return EXPERT_PYTHON.get(expert, "")
+
+    def actor_runtime_env(self, expert: str) -> dict[str, Any] | None:
+        """The replicas' Ray runtime_env: ``runtime_env`` plus ``py_executable`` from ``python`` after checking that
+        interpreter (a missing, stale or broken environment raises an ExpertEnvError saying how to fix it)."""
+        env = dict(self.runtime_env)
+        python = self.interpreter(expert)
+        if python:
+            from rewards.expert_env import check_python, resolve_python
+
+            resolved = resolve_python(python)
+            check_python(resolved, expert)
+            env["py_executable"] = str(resolved)
+        return env or None
 
     def expert_config(self, name: str):
         """The expert's config dataclass: preset + overrides; a GPU reservation moves a CPU expert to "cuda"."""
@@ -115,10 +158,17 @@ class ExpertServeConfig:
         return cfg
 
 
-def _tiny_expert() -> ExpertServeConfig:
-    return ExpertServeConfig(num_cpus=0.1, num_gpus=0.0, max_batch_size=8, batch_wait_timeout_s=0.005,
-                             max_ongoing_requests=16, timeout_s=30.0, retries=2, health_check_period_s=2.0,
-                             health_check_timeout_s=30.0, preset="tiny")
+UNIPERCEPT_PYTHON = ".venv-unipercept/bin/python"
+"""Default interpreter of the UniPercept replicas: the overlay environment ``launch.build_reward_env`` builds."""
+
+EXPERT_PYTHON = {"unipercept": UNIPERCEPT_PYTHON}
+"""What ``python: auto`` means per expert (experts not listed run in the driver's interpreter)."""
+
+
+def _tiny_expert(**kw) -> ExpertServeConfig:
+    return ExpertServeConfig(**{**dict(num_cpus=0.1, num_gpus=0.0, max_batch_size=8, batch_wait_timeout_s=0.005,
+                                       max_ongoing_requests=16, timeout_s=30.0, retries=2, health_check_period_s=2.0,
+                                       health_check_timeout_s=30.0, preset="tiny"), **kw})
 
 
 @dataclass
@@ -126,7 +176,7 @@ class ServeConfig:
     """Ray Serve deployments of the reward experts, the client policy and the ensemble weights."""
 
     enabled: list[str] = field(default_factory=lambda: ["tier", "ber", "der", "fer"])
-    """Experts to deploy (any of tier, ber, der, fer, clip)."""
+    """Experts to deploy (any of tier, ber, der, fer, clip, unipercept)."""
     tier: ExpertServeConfig = field(default_factory=ExpertServeConfig)
     """TIER (text-instruct, ERNIE embeddings)."""
     ber: ExpertServeConfig = field(default_factory=ExpertServeConfig)
@@ -137,6 +187,8 @@ class ServeConfig:
     """FER (FaceNet similarity to the reference faces; humans only)."""
     clip: ExpertServeConfig = field(default_factory=ExpertServeConfig)
     """CLIP-T (image-prompt similarity)."""
+    unipercept: ExpertServeConfig = field(default_factory=ExpertServeConfig)
+    """UniPercept (perceptual IAA / IQA / ISTA; ``python: auto`` runs it in its own environment, .venv-unipercept)."""
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     """Ensemble weights per category and the experts that may never be dropped."""
     app_name: str = "rewards"
@@ -175,7 +227,8 @@ class ServeConfig:
     def tiny(cls) -> "ServeConfig":
         """CPU test set-up: tiny experts, 0.1 CPU per replica, short timeouts and health checks."""
         return cls(tier=_tiny_expert(), ber=_tiny_expert(), der=_tiny_expert(), fer=_tiny_expert(),
-                   clip=_tiny_expert(), http_port=8123, retry_backoff_s=0.2, deploy_timeout_s=300.0)
+                   clip=_tiny_expert(), unipercept=_tiny_expert(timeout_s=60.0),
+                   http_port=8123, retry_backoff_s=0.2, deploy_timeout_s=300.0)
 
 
 # ------------------------------------------------------------------------------------------------ naming
@@ -255,9 +308,13 @@ def build_application(cfg: ServeConfig, expert: str, source: dict | None):
     from actors.reward_replica import RewardReplica
 
     ecfg = cfg.expert(expert)
+    actor_options: dict[str, Any] = {"num_cpus": ecfg.num_cpus, "num_gpus": ecfg.num_gpus}
+    runtime_env = ecfg.actor_runtime_env(expert)   # checks a separate interpreter before anything is deployed
+    if runtime_env:
+        actor_options["runtime_env"] = runtime_env
     options: dict[str, Any] = dict(
         name=deployment_name(expert),
-        ray_actor_options={"num_cpus": ecfg.num_cpus, "num_gpus": ecfg.num_gpus},
+        ray_actor_options=actor_options,
         max_ongoing_requests=ecfg.max_ongoing_requests,
         health_check_period_s=ecfg.health_check_period_s,
         health_check_timeout_s=ecfg.health_check_timeout_s,

@@ -1,1 +1,1 @@
-"""Reward experts (TIER, BER, DER, FER, CLIP) and the ensemble. Plain classes, no Ray inside."""
+"""Reward experts (TIER, BER, DER, FER, CLIP, UniPercept) and the ensemble. Plain classes, no Ray inside."""

@@ -1,6 +1,11 @@
 """The reward ensemble: ``R = Σ_e w_e(category) · score_e`` (paper Eq. 12, App. E).
 
 Weights per category: human (TIER .4, BER .2, DER .2, FER .2); animal / object (TIER .4, BER .3, DER .3).
+
+UniPercept (perceptual IAA / IQA / ISTA, [0, 1] at its default ``scale``) is an opt-in extra term: its default weight
+is 0 in every category, so the paper's ensemble is reproduced unchanged. Opting in (:func:`with_perceptual`, or
+``weights.<category>.unipercept`` in YAML) *adds* ``w · UniPercept`` on top of the paper's four terms, which keep
+their weights; :data:`PERCEPTUAL_WEIGHT` (0.1) is the suggested value (see the README for why).
 When an optional expert is unavailable (dropped, its server down), its weight is removed and the remaining
 weights of that sample are renormalised to the same total; each such sample is reported in
 ``EnsembleResult.notes`` and logged. A required expert missing, an unknown category, a score array of the
@@ -16,7 +21,7 @@ import numpy as np
 
 from rewards.base import NonFiniteScoreError, RewardExpert, ScoreBatch
 
-__all__ = ["EnsembleConfig", "EnsembleResult", "RewardEnsemble"]
+__all__ = ["EnsembleConfig", "EnsembleResult", "RewardEnsemble", "PERCEPTUAL_WEIGHT", "with_perceptual"]
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +34,28 @@ def _paper_weights() -> dict[str, dict[str, float]]:
     }
 
 
+PERCEPTUAL_WEIGHT = 0.1
+"""Suggested opt-in weight of the UniPercept term per category (added to the paper's total of 1.0)."""
+
+
+def with_perceptual(weights: dict[str, dict[str, float]] | None = None,
+                    weight: float | dict[str, float] = PERCEPTUAL_WEIGHT, expert: str = "unipercept"
+                    ) -> dict[str, dict[str, float]]:
+    """A copy of ``weights`` (default: the paper's) with the perceptual term added to every category; ``weight`` is
+    one value for all categories or ``{category: weight}`` (missing categories get 0)."""
+    base = {c: dict(ws) for c, ws in (weights or _paper_weights()).items()}
+    for cat, ws in base.items():
+        ws[expert] = float(weight.get(cat, 0.0) if isinstance(weight, dict) else weight)
+    return base
+
+
 @dataclass
 class EnsembleConfig:
     """Ensemble weights per concept category."""
 
     weights: dict[str, dict[str, float]] = field(default_factory=_paper_weights)
-    """category -> {expert name -> weight} (paper App. E: human .4/.2/.2/.2, animal/object .4/.3/.3)."""
+    """category -> {expert name -> weight} (paper App. E: human .4/.2/.2/.2, animal/object .4/.3/.3; add
+    ``unipercept: 0.1`` per category to opt in to the perceptual term, default 0)."""
     required: list[str] = field(default_factory=lambda: ["tier"])
     """Experts that may never be dropped (a sample whose required expert is unavailable is an error)."""
 

@@ -17,6 +17,7 @@ EXPERTS: dict[str, tuple[str, str, str]] = {
     "der": ("rewards.der", "DerExpert", "DerConfig"),
     "fer": ("rewards.fer", "FerExpert", "FerConfig"),
     "clip": ("rewards.clip_score", "ClipExpert", "ClipConfig"),
+    "unipercept": ("rewards.unipercept", "UniPerceptExpert", "UniPerceptConfig"),
 }
 """expert name -> (module, expert class, config class)."""
 
@@ -38,8 +39,13 @@ def config_class(name: str) -> type[ExpertConfig]:
     return _lookup(name, 2)
 
 
-def build_expert(name: str, config: ExpertConfig | dict | str | None = None) -> RewardExpert:
-    """Build expert ``name`` from its config: an instance, a dict of fields, "tiny", or None (real defaults)."""
+def build_expert(name: str, config: ExpertConfig | dict | str | None = None, python: str | None = None
+                 ) -> RewardExpert:
+    """Build expert ``name`` from its config: an instance, a dict of fields, "tiny", or None (real defaults).
+
+    ``python``: build it in that interpreter instead (a :class:`rewards.process_expert.ProcessExpert`, e.g. UniPercept
+    in its overlay environment; relative paths are from the repository root); the interpreter is checked first.
+    """
     cfg_cls = config_class(name)
     if config is None:
         config = cfg_cls()
@@ -53,4 +59,11 @@ def build_expert(name: str, config: ExpertConfig | dict | str | None = None) -> 
         config = cfg_cls(**config)
     elif not isinstance(config, cfg_cls):
         raise ValueError(f"{name}: expected a {cfg_cls.__name__}, got {type(config).__name__}")
+    if python:
+        from rewards.expert_env import check_python, resolve_python
+        from rewards.process_expert import ProcessExpert
+
+        interpreter = resolve_python(python)
+        check_python(interpreter, name)
+        return ProcessExpert(name, config, interpreter)
     return _lookup(name, 1)(config)

@@ -33,7 +33,7 @@ __all__ = ["DSOGConfig", "DSOGController", "AttemptLoop", "AttemptResult", "sele
 
 _RULES = ("momentum", "step")
 _SPACES = ("normalized", "raw")
-_SCORERS = ("ber", "clip")
+_SCORERS = ("ber", "clip", "unipercept")
 _EPS_U = 1e-6
 
 
@@ -64,7 +64,8 @@ class DSOGConfig:
     initial_threshold: float | None = None
     """None = the (1 − TPR) quantile of the first batch's scores; a number = fixed start (released: 0.50)."""
     scorer: str = "ber"
-    """Screening expert: "ber" (BLIP-2 image–text, paper) or "clip" (released code)."""
+    """Screening expert: "ber" (BLIP-2 image–text, paper), "clip" (released code) or "unipercept" (perceptual
+    quality only: screens out ugly previews, blind to the concept)."""
     clip_image_weight: float = 0.65
     """CLIP screen: weight of CLIP-I (image vs reference images)."""
     clip_text_weight: float = 0.35

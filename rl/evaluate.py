@@ -43,6 +43,7 @@ from rl.data import ConceptDataset, DatasetError, load_image
 from rl.eval_items import (PHOTO_PROMPT, pure_gen_prompts, rec_items, resolve_prompts_to_eval, system_question,
                            test_reasoning, understanding_items)
 from rl.judge import Judge, build_judge, check_judge_score
+from rl.perceptual import build_perceptual_scorer, perceptual_metrics
 from rl.seeding import make_generator, sample_seed
 from rl.tasks import (ConceptPromptTokens, UnderstandingTask, build_compound_prompt, build_understanding_prompt,
                       clean_ir, compound_fixed_part, expand_concept, reward_prompt, text_budget)
@@ -119,6 +120,8 @@ class EvalScorers:
     """rewards.fer.FerExpert with references of the human concepts."""
     judge: Judge | None = None
     """Judge for Dense Rea. / Dense Gen."""
+    perceptual: Any = None
+    """UniPercept (rl.perceptual) when serve.enabled includes it: IAA / IQA / ISTA of the generated images."""
     notes: dict[str, str] = field(default_factory=dict)
     """Why a scorer is missing (e.g. a human concept without a detectable reference face)."""
 
@@ -138,6 +141,7 @@ def build_eval_scorers(cfg, dataset: ConceptDataset, device: str | torch.device 
 
     ecfg = _eval_cfg(cfg)
     out = EvalScorers(judge=build_judge(ecfg.judge, **ecfg.judge_options))
+    out.perceptual = build_perceptual_scorer(cfg, device)
 
     def expert(name: str):
         c = cfg.serve.expert(name).expert_config(name)
@@ -294,6 +298,7 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
             else:
                 notes["face"] = f"no face detected in the {len(pure)} '{PHOTO_PROMPT}' image(s)"
     _judge(scorers.judge, tasks, a_rea, gen, images, metrics, notes, bool(dense), info)
+    metrics.update(perceptual_metrics(scorers.perceptual, images, gen))
     metrics.update(rec_pos_acc=recog["pos_acc"], rec_neg_acc=recog["neg_acc"], rec_acc=recog["acc"])
     if items["choice"]:
         metrics["choice"] = M.mean_or_none(float(x["correct"]) for x in items["choice"])

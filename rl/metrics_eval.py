@@ -42,9 +42,13 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("dense_gen", "Dense Gen. (judge)"),
     ("rea_gen_clip_t", "Rea. Gen. CLIP-T"),
     ("rea_gen_clip_i", "Rea. Gen. CLIP-I"),
+    ("iaa", "IAA (UniPercept)"),
+    ("iqa", "IQA (UniPercept)"),
+    ("ista", "ISTA (UniPercept)"),
     ("face", "Face sim."),
 )
-"""(key, column title) of every headline metric, in table order (the paper's Table 1 order, plus face)."""
+"""(key, column title) of every headline metric, in table order (the paper's Table 1 order, plus UniPercept's
+perceptual scores when serve.enabled includes unipercept, plus face)."""
 
 JUDGED = ("dense_rea", "dense_gen")
 """Metrics that need a judge (shown as "not computed" without one)."""

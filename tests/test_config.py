@@ -60,7 +60,7 @@ def test_config_reference_lists_every_key():
     rows = {key for key, *_ in config_rows()}
     text = config_markdown()
     for key, cls, f in walk_dataclasses(TrainConfig):
-        for expert in ("tier", "ber", "der", "fer", "clip"):
+        for expert in ("tier", "ber", "der", "fer", "clip", "unipercept"):
             key = key.replace(f"serve.{expert}.", "serve.<expert>.").replace(f"serve.{expert}", "serve.<expert>")
         assert key in rows and f"`{key}`" in text, key
     assert "| `learner.lr` | `float` | `1e-06` |" in text and "### `serve`" in text

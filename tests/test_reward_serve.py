@@ -15,6 +15,7 @@ from rewards.base import ScoreBatch
 slow = pytest.mark.slow
 
 CATEGORIES = {"astro": "human", "chelsea": "animal", "cuppa": "object"}
+IN_PROCESS = tuple(e for e in ALL_EXPERTS if e != "unipercept")  # UniPercept has its own env: test_unipercept_serve.py
 
 
 # ------------------------------------------------------------------------------------------------ no Ray
@@ -96,7 +97,7 @@ def served(ray_cluster, data_root):
     """Every expert deployed once for the module (tier and der with HTTP routes); deleted afterwards."""
     cfg = ServeConfig.tiny()
     cfg.http_port = free_port()  # used if this module is the first to start Serve in the session
-    cfg.enabled = list(ALL_EXPERTS)
+    cfg.enabled = list(IN_PROCESS)
     cfg.clip.required = False
     cfg.tier.http = cfg.der.http = True
     t0 = time.monotonic()
@@ -113,7 +114,7 @@ def direct(served, references):
 
     cfg, _ = served
     experts = {}
-    for name in ALL_EXPERTS:
+    for name in IN_PROCESS:
         experts[name] = build_expert(name, cfg.expert(name).expert_config(name))
         for concept, images in references.items():
             if name != "fer" or CATEGORIES[concept] == "human":
@@ -144,8 +145,8 @@ def test_all_experts_match_direct_calls(served, direct, references):
     from actors.reward_client import RewardClient
 
     cfg, handles = served
-    assert set(handles) == set(ALL_EXPERTS)
-    for name in ALL_EXPERTS:
+    assert set(handles) == set(IN_PROCESS)
+    for name in IN_PROCESS:
         assert [r["state"] for r in replicas(cfg, name)] == ["RUNNING"]
     batch = make_batch(references, n=6)
     for name, handle in handles.items():
@@ -200,7 +201,7 @@ def test_scale_one_expert_under_load(served, direct, references):
     import launch.scale
 
     cfg, handles = served
-    others = {n: sorted(r["replica_id"] for r in replicas(cfg, n)) for n in ALL_EXPERTS if n != "der"}
+    others = {n: sorted(r["replica_id"] for r in replicas(cfg, n)) for n in IN_PROCESS if n != "der"}
     batches = [make_batch(references, n=2, seed=100 + i) for i in range(8)]
     expected = [direct["der"].score(b) for b in batches]
     answers: dict[int, list] = {}
