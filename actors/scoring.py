@@ -82,7 +82,8 @@ def local_scorer(cfg, dataset) -> RewardScorer:
     names = sorted(set(cfg.serve.enabled) | {cfg.dsog.scorer})
     experts = {}
     for name in names:
-        expert = build_expert(name, cfg.serve.expert(name).expert_config(name))
+        ecfg = cfg.serve.expert(name)   # an expert with its own interpreter (UniPercept) runs there, over a pipe
+        expert = build_expert(name, ecfg.expert_config(name), python=ecfg.interpreter(name) or None)
         if expert.uses_references:
             for cname, concept in dataset.concepts.items():
                 if name == "fer" and concept.info.category != "human":
