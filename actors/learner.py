@@ -58,6 +58,10 @@ class LearnerConfig:
     """CPUs reserved per learner rank."""
     num_gpus_per_rank: float = 1.0
     """GPUs reserved per learner rank (0 on CPU-only clusters)."""
+    units_per_forward: int = 1
+    """Image replay units (MaskGIT steps of a sample, or one step of several samples) batched into one forward +
+    backward; the gradient equals the unit-by-unit one (up to float rounding), activation memory grows ~k-fold.
+    Default chosen by measurement (launch/bench_step.py --scaling, README benchmarks)."""
 
     @classmethod
     def tiny(cls) -> "LearnerConfig":
@@ -75,6 +79,8 @@ class LearnerConfig:
             raise ValueError(f"learner.dtype must be auto|bfloat16|float32, got {self.dtype!r}")
         if self.trainable not in ("all", "concept_rows"):
             raise ValueError(f"learner.trainable must be 'all' or 'concept_rows', got {self.trainable!r}")
+        if self.units_per_forward < 1:
+            raise ValueError(f"learner.units_per_forward must be >= 1, got {self.units_per_forward}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"learner.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
 
@@ -197,8 +203,11 @@ class LearnerWorker:
     def train_step(self, samples: Sequence[Any], units: list) -> dict[str, float]:
         """Replay ``units`` (this rank's share), then one optimizer step. Returns stats sums + grad norm + time."""
         from actors.learner_step import run_units
+        from actors.replay_pack import pack_units
 
         t0 = time.perf_counter()
+        k = int(self.lcfg.units_per_forward)
+        calls = len(pack_units(units, k))
         engine = self.engine
         engine.train()
         if hasattr(self.backend, "begin_step"):
@@ -207,10 +216,11 @@ class LearnerWorker:
 
         def backward(loss):  # the last unit is the accumulation boundary (reduction happens there / in step)
             done[0] += 1
-            engine.set_gradient_accumulation_boundary(done[0] == len(units))
+            engine.set_gradient_accumulation_boundary(done[0] == calls)
             engine.backward(loss, scale_wrt_gas=False)
 
-        sums = run_units(self.module, backward, self.backend, samples, units, self.world, forward=engine)
+        sums = run_units(self.module, backward, self.backend, samples, units, self.world, forward=engine,
+                         units_per_forward=k)
         t1 = time.perf_counter()
         engine.step()
         norm = engine.get_global_grad_norm()

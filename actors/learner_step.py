@@ -150,18 +150,22 @@ class UnitForward(nn.Module):
 
 def run_units(module: nn.Module, backward: Callable[[torch.Tensor], Any], backend: ReplayBackend,
               samples: Sequence[Any], units: Sequence[ReplayUnit], world_size: int,
-              forward: Callable[[Callable], Any] | None = None) -> dict[str, float]:
-    """Forward + ``backward(loss · weight · world_size)`` per unit; returns this rank's stats sums.
+              forward: Callable[[Callable], Any] | None = None, units_per_forward: int = 1) -> dict[str, float]:
+    """Forward + ``backward(loss · world_size)`` per pack of units; returns this rank's stats sums.
 
-    ``forward(fn)`` runs ``fn(module)`` (the DeepSpeed engine around :class:`UnitForward`; default: a plain call);
-    ``backward`` is ``engine.backward(loss, scale_wrt_gas=False)``. Padding units (weight 0) run the same compute.
+    A pack (:func:`actors.replay_pack.pack_units`) is one unit, or up to ``units_per_forward`` image units in one
+    batched forward whose loss is Σ weight·unit loss. ``forward(fn)`` runs ``fn(module)`` (the DeepSpeed engine
+    around :class:`UnitForward`; default: a plain call); ``backward`` is ``engine.backward(loss,
+    scale_wrt_gas=False)``, called once per pack. Padding units (weight 0) run the same compute.
     """
+    from actors.replay_pack import pack_loss, pack_units
+
     forward = forward or (lambda fn: fn(module))
     stats = UnitStats()
-    for unit in units:
-        loss, st = forward(lambda m, unit=unit: backend.unit_loss(m, samples, unit, len(samples)))
-        backward(loss * (float(unit.weight) * world_size))
-        if unit.weight > 0:
+    for pack in pack_units(units, units_per_forward):
+        loss, sts = forward(lambda m, pack=pack: pack_loss(backend, m, samples, pack, len(samples)))
+        backward(loss * world_size)
+        for st in sts:
             stats.add(st)
             stats.units += 1
     return stats.as_dict()
@@ -313,6 +317,13 @@ class ShowoBackend:
             out["answer_tokens"] = float(w.sum())
             return loss, out
         raise ValueError(f"ReplayUnit.kind must be 'image' or 'answer', got {unit.kind!r}")
+
+    def pack_loss(self, module: nn.Module, samples: Sequence[Any], pack: Sequence[ReplayUnit],
+                  num_samples: int) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        """Several image units in one batched forward (see :mod:`actors.replay_pack`)."""
+        from actors.replay_pack import showo_image_pack_loss
+
+        return showo_image_pack_loss(self, module, samples, pack, num_samples)
 
 
 def concept_specs(dataset: Any) -> list:
