@@ -139,8 +139,10 @@ class GroupDispatcher(TaskPool):
         self.samples_per_request = int(samples_per_request)
         self.dsog = dsog
 
-    def run(self, requests: list[GroupRequest]) -> list[GroupResult]:
-        """Every request's GroupResult, in request order."""
+    def run(self, requests: list[GroupRequest],
+            on_shard: Callable[[object], None] | None = None) -> list[GroupResult]:
+        """Every request's GroupResult, in request order. ``on_shard`` sees each finished shard (SampleResult)
+        as it arrives (not the calibration pass's)."""
         from rl.dsog import DSOGController
 
         g, per = self.group_size, self.samples_per_request
@@ -154,7 +156,8 @@ class GroupDispatcher(TaskPool):
                 init[i] = DSOGController.initial_threshold(scores, self.dsog)
         run_reqs = [dataclasses.replace(r, threshold=init[i]) if i in init else r for i, r in enumerate(requests)]
         tasks = [(i, sh) for i, r in enumerate(run_reqs) for sh in shard_group(r, g, per)]
-        outs = self.run_tasks("generate_samples", [sh for _, sh in tasks])
+        outs = self.run_tasks("generate_samples", [sh for _, sh in tasks],
+                              on_result=None if on_shard is None else (lambda _i, res: on_shard(res)))
         results = []
         for i, req in enumerate(requests):
             res = assemble_group(req, [o for (j, _), o in zip(tasks, outs) if j == i])
