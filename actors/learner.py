@@ -58,10 +58,12 @@ class LearnerConfig:
     """CPUs reserved per learner rank."""
     num_gpus_per_rank: float = 1.0
     """GPUs reserved per learner rank (0 on CPU-only clusters)."""
-    units_per_forward: int = 1
+    units_per_forward: int = 4
     """Image replay units (MaskGIT steps of a sample, or one step of several samples) batched into one forward +
     backward; the gradient equals the unit-by-unit one (up to float rounding), activation memory grows ~k-fold.
-    Default chosen by measurement (launch/bench_step.py --scaling, README benchmarks)."""
+    Default by measurement (launch/bench_step.py --scaling): replay tokens/s rose with k up to 8 on the tiny CPU
+    model (README benchmarks); 4 keeps real-shape activations near 4 × 3.8 GiB (bf16, the meta-device estimate),
+    which fits an 80 GiB learner GPU next to ZeRO-2 state and the reference copy. 1 = one unit per forward."""
 
     @classmethod
     def tiny(cls) -> "LearnerConfig":
