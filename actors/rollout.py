@@ -29,7 +29,7 @@ class RolloutConfig:
     answer_top_k: int | None = None
     """Optional top-k for the answer IR; log-probs then use the renormalised top-k distribution (D3)."""
     max_restarts: int = 2
-    """Ray restarts a dead rollout actor this many times; its groups are re-dispatched (D7 keeps them exact)."""
+    """Ray restarts a dead rollout actor this many times; its shards are re-dispatched (D7 keeps them exact)."""
     max_text_len: int = 128
     """Show-o's text block (max_seq_length): 128 tokens + <|t2i|>; the compound prompt's budget (D9)."""
     group_timeout_s: float = 3600.0
