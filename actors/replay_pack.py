@@ -7,7 +7,8 @@ lengths) stay one per forward. Every rank holds the same kinds at the same posit
 so every rank gets the same number of packs of the same kinds (the D12 alignment ZeRO-2 needs still holds).
 
 The packed loss is the sum of the unit losses, so the gradient is the unit-by-unit gradient up to float rounding
-(tests/test_replay_pack.py). Cost: the activations of k units are alive at once (memory grows ~linearly in k).
+(tests/test_replay_pack.py). Backends that can batch (``ShowoBackend.pack_loss``) do; others run the pack's units
+one after another inside the same forward call (:func:`sequential_loss`). Cost: the activations of k units are alive at once (memory grows ~linearly in k).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-__all__ = ["pack_units", "pack_loss", "showo_image_pack_loss"]
+__all__ = ["pack_units", "pack_loss", "sequential_loss", "stack_t2i"]
 
 
 def pack_units(units: Sequence[Any], k: int) -> list[list[Any]]:
@@ -48,11 +49,12 @@ def pack_loss(backend: Any, module: nn.Module, samples: Sequence[Any], pack: Seq
     Uses ``backend.pack_loss`` when the backend batches packs itself, else sums ``backend.unit_loss`` per unit."""
     if len(pack) > 1 and hasattr(backend, "pack_loss"):
         return backend.pack_loss(module, samples, pack, num_samples)
-    return _sequential(backend, module, samples, pack, num_samples)
+    return sequential_loss(backend, module, samples, pack, num_samples)
 
 
-def _stack_t2i(batches: list) -> Any:
-    """One T2IBatch holding the cond rows of every batch, then their uncond rows (the CFG layout)."""
+def stack_t2i(batches: list) -> Any:
+    """One T2IBatch holding the cond rows of every batch, then their uncond rows (the CFG layout); None when the
+    batches' sequence layouts differ (then the units run one after another)."""
     from backbone.maskgit import T2IBatch
 
     b0 = batches[0]
@@ -65,48 +67,8 @@ def _stack_t2i(batches: list) -> Any:
     return T2IBatch(ids=ids, mask=mask, prefix_len=b0.prefix_len, num_image_tokens=b0.num_image_tokens, cfg=b0.cfg)
 
 
-def showo_image_pack_loss(backend: Any, module: nn.Module, samples: Sequence[Any], pack: Sequence[Any],
-                          num_samples: int) -> tuple[torch.Tensor, list[dict[str, float]]]:
-    """Show-o image units batched: one CFG forward for the k units' states (policy, then the frozen reference),
-    then each unit's D5 contribution from its own row (same loss terms as ``ShowoBackend.unit_loss``)."""
-    from actors.learner_step import _objective_stats, _t
-    from backbone.replay import image_step_logprobs
-    from rl.objective import image_step_loss, newly_unmasked_positions
-
-    dev = next(module.parameters()).device
-    cfg = backend.objective
-    batch = _stack_t2i([backend._t2i(samples, u.sample, dev) for u in pack])
-    if batch is None or any(u.kind != "image" for u in pack):   # unequal sequence lengths: unit by unit
-        return _sequential(backend, module, samples, pack, num_samples)
-    state = torch.stack([_t(samples[u.sample].states[u.step]) for u in pack])
-    chosen = torch.stack([_t(samples[u.sample].chosen[u.step]) for u in pack])
-    logp = image_step_logprobs(module, backend.tok, batch, state, chosen, backend.guidance_scale)
-    ref = None
-    if backend.reference is not None:
-        with torch.no_grad():
-            ref = image_step_logprobs(backend.reference, backend.tok, batch, state, chosen, backend.guidance_scale)
-    total, stats = None, []
-    for j, u in enumerate(pack):
-        s = samples[u.sample]
-        T, N = (int(x) for x in s.states.shape)
-        mask = None
-        if cfg.image_positions == "newly_unmasked":
-            mask = newly_unmasked_positions(_t(s.states), backend.tok.mask_id)[u.step][None].to(dev)
-        row = logp[j:j + 1]
-        loss, st = image_step_loss(row, None, None if ref is None else ref[j:j + 1], [float(s.advantage)], T, N,
-                                   num_samples, cfg, mask)
-        total = loss * float(u.weight) if total is None else total + loss * float(u.weight)
-        if u.weight > 0:
-            out = _objective_stats(loss, st)
-            w = torch.ones_like(row) if mask is None else mask.to(row.dtype)
-            rollout = _t(s.image_logps[u.step]).to(dev)[None]
-            out["image_absdiff"] = float(((row.detach() - rollout).abs() * w).sum())
-            out["image_tokens"] = float(w.sum())
-            stats.append(out)
-    return total, stats
-
-
-def _sequential(backend, module, samples, pack, num_samples):
+def sequential_loss(backend: Any, module: nn.Module, samples: Sequence[Any], pack: Sequence[Any],
+                    num_samples: int) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Fallback: the pack's units one after another inside the same forward call."""
     total, stats = None, []
     for u in pack:
