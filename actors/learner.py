@@ -3,7 +3,8 @@
 Each rank builds the same policy (same config + seed → same init), a frozen reference copy and a DeepSpeed engine
 (ZeRO stage from config; bf16 on GPU, fp32 + gloo on CPU; client torch AdamW, so no op JIT builds). The driver deals
 the replay units over the ranks (``learner_step.schedule_units``); each rank runs one engine forward + backward per
-unit (``scale_wrt_gas=False``), marking the last unit as the accumulation boundary, then one ``engine.step()``.
+pack of ``units_per_forward`` units (``scale_wrt_gas=False``; actors/replay_pack.py), marking the last pack as the
+accumulation boundary, then one ``engine.step()``.
 Unit losses carry a factor world_size because DeepSpeed averages over ranks: the reduced gradient equals the
 single-process gradient of the step loss (tested: fp32 ZeRO 0/1/2 exact, bf16 ZeRO-1 to bf16 precision).
 Note: ZeRO-2 reduce-scatters in every backward (once per unit), ZeRO-1 only at the boundary.
