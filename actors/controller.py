@@ -105,7 +105,8 @@ class Trainer:
         ray.get([w.ready.remote() for w in self.workers])
         log.info("%s", role_line("rollout", cfg, self.placement, time.perf_counter() - t))
         self.dispatcher = GroupDispatcher(self.workers, replace_actor=self._replace_worker,
-                                          timeout_s=cfg.rollout.group_timeout_s)
+                                          timeout_s=cfg.rollout.group_timeout_s, group_size=cfg.rollout.group_size,
+                                          samples_per_request=cfg.rollout.samples_per_request, dsog=cfg.dsog)
         self._restore()
         # only now (after _restore) do the rollout actors receive the learner's weights: restored ones on resume
         self.learners.connect_rollouts(self.workers)

@@ -3,7 +3,8 @@
 Each rank builds the same policy (same config + seed → same init), a frozen reference copy and a DeepSpeed engine
 (ZeRO stage from config; bf16 on GPU, fp32 + gloo on CPU; client torch AdamW, so no op JIT builds). The driver deals
 the replay units over the ranks (``learner_step.schedule_units``); each rank runs one engine forward + backward per
-unit (``scale_wrt_gas=False``), marking the last unit as the accumulation boundary, then one ``engine.step()``.
+pack of ``units_per_forward`` units (``scale_wrt_gas=False``; actors/replay_pack.py), marking the last pack as the
+accumulation boundary, then one ``engine.step()``.
 Unit losses carry a factor world_size because DeepSpeed averages over ranks: the reduced gradient equals the
 single-process gradient of the step loss (tested: fp32 ZeRO 0/1/2 exact, bf16 ZeRO-1 to bf16 precision).
 Note: ZeRO-2 reduce-scatters in every backward (once per unit), ZeRO-1 only at the boundary.
@@ -58,6 +59,12 @@ class LearnerConfig:
     """CPUs reserved per learner rank."""
     num_gpus_per_rank: float = 1.0
     """GPUs reserved per learner rank (0 on CPU-only clusters)."""
+    units_per_forward: int = 4
+    """Image replay units (MaskGIT steps of a sample, or one step of several samples) batched into one forward +
+    backward; the gradient equals the unit-by-unit one (up to float rounding), activation memory grows ~k-fold.
+    Default by measurement (launch/bench_step.py --scaling): replay tokens/s rose with k up to 8 on the tiny CPU
+    model (README benchmarks); 4 keeps real-shape activations near 4 × 3.8 GiB (bf16, the meta-device estimate),
+    which fits an 80 GiB learner GPU next to ZeRO-2 state and the reference copy. 1 = one unit per forward."""
 
     @classmethod
     def tiny(cls) -> "LearnerConfig":
@@ -75,6 +82,8 @@ class LearnerConfig:
             raise ValueError(f"learner.dtype must be auto|bfloat16|float32, got {self.dtype!r}")
         if self.trainable not in ("all", "concept_rows"):
             raise ValueError(f"learner.trainable must be 'all' or 'concept_rows', got {self.trainable!r}")
+        if self.units_per_forward < 1:
+            raise ValueError(f"learner.units_per_forward must be >= 1, got {self.units_per_forward}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"learner.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
 
@@ -197,8 +206,11 @@ class LearnerWorker:
     def train_step(self, samples: Sequence[Any], units: list) -> dict[str, float]:
         """Replay ``units`` (this rank's share), then one optimizer step. Returns stats sums + grad norm + time."""
         from actors.learner_step import run_units
+        from actors.replay_pack import pack_units
 
         t0 = time.perf_counter()
+        k = int(self.lcfg.units_per_forward)
+        calls = len(pack_units(units, k))
         engine = self.engine
         engine.train()
         if hasattr(self.backend, "begin_step"):
@@ -207,10 +219,11 @@ class LearnerWorker:
 
         def backward(loss):  # the last unit is the accumulation boundary (reduction happens there / in step)
             done[0] += 1
-            engine.set_gradient_accumulation_boundary(done[0] == len(units))
+            engine.set_gradient_accumulation_boundary(done[0] == calls)
             engine.backward(loss, scale_wrt_gas=False)
 
-        sums = run_units(self.module, backward, self.backend, samples, units, self.world, forward=engine)
+        sums = run_units(self.module, backward, self.backend, samples, units, self.world, forward=engine,
+                         units_per_forward=k)
         t1 = time.perf_counter()
         engine.step()
         norm = engine.get_global_grad_norm()

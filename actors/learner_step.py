@@ -7,6 +7,8 @@
   and, at each position, the same kind (ZeRO-2 reduces inside each backward, so hook order must match).
 - A unit's loss is its exact share of the D5 step loss (``rl.objective`` holds the 1/S mean and the T·N / L_text
   normalisers); summed over all units of all ranks it is the step loss.
+- ``learner.units_per_forward`` = k packs up to k consecutive image units of a rank into one forward/backward
+  (:mod:`actors.replay_pack`; same packs on every rank, so the D12 alignment holds).
 - :func:`run_units` multiplies each unit loss by ``weight × world_size``: DeepSpeed *averages* over ranks, so
   mean_r(Σ_{u∈r} W·∇ℓ_u) = Σ_u ∇ℓ_u, the single-process gradient of the step loss (tests/test_learner.py).
 
@@ -150,18 +152,22 @@ class UnitForward(nn.Module):
 
 def run_units(module: nn.Module, backward: Callable[[torch.Tensor], Any], backend: ReplayBackend,
               samples: Sequence[Any], units: Sequence[ReplayUnit], world_size: int,
-              forward: Callable[[Callable], Any] | None = None) -> dict[str, float]:
-    """Forward + ``backward(loss · weight · world_size)`` per unit; returns this rank's stats sums.
+              forward: Callable[[Callable], Any] | None = None, units_per_forward: int = 1) -> dict[str, float]:
+    """Forward + ``backward(loss · world_size)`` per pack of units; returns this rank's stats sums.
 
-    ``forward(fn)`` runs ``fn(module)`` (the DeepSpeed engine around :class:`UnitForward`; default: a plain call);
-    ``backward`` is ``engine.backward(loss, scale_wrt_gas=False)``. Padding units (weight 0) run the same compute.
+    A pack (:func:`actors.replay_pack.pack_units`) is one unit, or up to ``units_per_forward`` image units in one
+    batched forward whose loss is Σ weight·unit loss. ``forward(fn)`` runs ``fn(module)`` (the DeepSpeed engine
+    around :class:`UnitForward`; default: a plain call); ``backward`` is ``engine.backward(loss,
+    scale_wrt_gas=False)``, called once per pack. Padding units (weight 0) run the same compute.
     """
+    from actors.replay_pack import pack_loss, pack_units
+
     forward = forward or (lambda fn: fn(module))
     stats = UnitStats()
-    for unit in units:
-        loss, st = forward(lambda m, unit=unit: backend.unit_loss(m, samples, unit, len(samples)))
-        backward(loss * (float(unit.weight) * world_size))
-        if unit.weight > 0:
+    for pack in pack_units(units, units_per_forward):
+        loss, sts = forward(lambda m, pack=pack: pack_loss(backend, m, samples, pack, len(samples)))
+        backward(loss * world_size)
+        for st in sts:
             stats.add(st)
             stats.units += 1
     return stats.as_dict()
@@ -313,6 +319,47 @@ class ShowoBackend:
             out["answer_tokens"] = float(w.sum())
             return loss, out
         raise ValueError(f"ReplayUnit.kind must be 'image' or 'answer', got {unit.kind!r}")
+
+    def pack_loss(self, module: nn.Module, samples: Sequence[Any], pack: Sequence[ReplayUnit],
+                  num_samples: int) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        """Several image units in one batched CFG forward (policy, then the frozen reference), then each unit's D5
+        contribution from its own row (the terms of :meth:`unit_loss`); returns (Σ weight·loss, real units' stats).
+        See :mod:`actors.replay_pack`."""
+        from actors.replay_pack import sequential_loss, stack_t2i
+        from backbone.replay import image_step_logprobs
+        from rl.objective import image_step_loss, newly_unmasked_positions
+
+        dev = next(module.parameters()).device
+        cfg = self.objective
+        batch = stack_t2i([self._t2i(samples, u.sample, dev) for u in pack])
+        if batch is None or any(u.kind != "image" for u in pack):   # unequal sequence lengths: unit by unit
+            return sequential_loss(self, module, samples, pack, num_samples)
+        state = torch.stack([_t(samples[u.sample].states[u.step]) for u in pack])
+        chosen = torch.stack([_t(samples[u.sample].chosen[u.step]) for u in pack])
+        logp = image_step_logprobs(module, self.tok, batch, state, chosen, self.guidance_scale)
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = image_step_logprobs(self.reference, self.tok, batch, state, chosen, self.guidance_scale)
+        total, stats = None, []
+        for j, u in enumerate(pack):
+            s = samples[u.sample]
+            T, N = (int(x) for x in s.states.shape)
+            mask = None
+            if cfg.image_positions == "newly_unmasked":
+                mask = newly_unmasked_positions(_t(s.states), self.tok.mask_id)[u.step][None].to(dev)
+            row = logp[j:j + 1]
+            loss, st = image_step_loss(row, None, None if ref is None else ref[j:j + 1], [float(s.advantage)], T, N,
+                                       num_samples, cfg, mask)
+            total = loss * float(u.weight) if total is None else total + loss * float(u.weight)
+            if u.weight > 0:
+                out = _objective_stats(loss, st)
+                w = torch.ones_like(row) if mask is None else mask.to(row.dtype)
+                rollout = _t(s.image_logps[u.step]).to(dev)[None]
+                out["image_absdiff"] = float(((row.detach() - rollout).abs() * w).sum())
+                out["image_tokens"] = float(w.sum())
+                stats.append(out)
+        return total, stats
 
 
 def concept_specs(dataset: Any) -> list:

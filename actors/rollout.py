@@ -29,11 +29,17 @@ class RolloutConfig:
     answer_top_k: int | None = None
     """Optional top-k for the answer IR; log-probs then use the renormalised top-k distribution (D3)."""
     max_restarts: int = 2
-    """Ray restarts a dead rollout actor this many times; its groups are re-dispatched (D7 keeps them exact)."""
+    """Ray restarts a dead rollout actor this many times; its shards are re-dispatched (D7 keeps them exact)."""
     max_text_len: int = 128
     """Show-o's text block (max_seq_length): 128 tokens + <|t2i|>; the compound prompt's budget (D9)."""
     group_timeout_s: float = 3600.0
-    """A group that takes longer than this is treated as lost and re-dispatched."""
+    """A dispatched shard (``samples_per_request`` samples of a group) that takes longer than this is treated as
+    lost and re-dispatched."""
+    samples_per_request: int = 1
+    """Samples of a group per dispatched shard: a group's G samples (and their DSOG redraws) are split into shards
+    of this many consecutive samples, which idle rollout actors pull from a queue (several groups share it). The
+    shards do not depend on num_workers, so by D7 samples are bit-identical for any number of actors; larger
+    shards batch more on a GPU, smaller ones balance better. 0 = the whole group in one request."""
 
     def validate(self) -> None:
         """Reject impossible values."""
@@ -42,6 +48,9 @@ class RolloutConfig:
                              "compare samples within a group")
         if self.num_workers < 1:
             raise ValueError("rollout.num_workers must be >= 1")
+        if self.samples_per_request < 0:
+            raise ValueError(f"rollout.samples_per_request must be >= 0 (0 = whole group), "
+                             f"got {self.samples_per_request}")
 
 
 def _device(num_gpus: float) -> str:
@@ -83,6 +92,10 @@ class RolloutWorker:
     def generate_group(self, request):
         """Produce one group (see :meth:`RolloutEngine.generate_group`)."""
         return self.engine.generate_group(request)
+
+    def generate_samples(self, request):
+        """Produce one shard of a group (see :meth:`RolloutEngine.generate_samples`)."""
+        return self.engine.generate_samples(request)
 
     def evaluate(self, step: int) -> dict:
         """Held-out UnifyBench++ evaluation of the current weights (flat ``eval/*`` metrics)."""

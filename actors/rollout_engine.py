@@ -49,6 +49,49 @@ class GroupRequest:
 
 
 @dataclass
+class SampleRequest:
+    """A shard of one prompt's group: the samples ``samples`` (indices into 0..G-1) of (step, prompt_index).
+
+    The unit of sample-level dispatch (actors/dispatch.py). By D7 its result depends only on these fields, not on
+    the actor that runs it. ``threshold`` must be set when the group is split over several requests (a None
+    threshold calibrates from this request's own first-attempt scores); ``screen_only`` asks only for the first
+    attempt's screen scores (the calibration pass of a group whose threshold is not known yet)."""
+
+    step: int
+    prompt_index: int
+    concept: str
+    threshold: float | None
+    samples: tuple[int, ...]
+    """Sample indices of this shard (their seeds, D7), in increasing order."""
+    screen_only: bool = False
+    """Stop after screening attempt 0 of every sample: the result carries ``first_scores`` and no samples."""
+
+
+@dataclass
+class SampleResult:
+    """What a shard produced: its samples plus its share of the group's DSOG and reward bookkeeping."""
+
+    request: SampleRequest
+    samples: list[RolloutSample]
+    attempt_scores: list[float] = field(default_factory=list)
+    """Screen score of every attempt made (kept or not), attempt-major within the shard."""
+    attempt_accepted: list[bool] = field(default_factory=list)
+    """Whether each attempt passed the threshold (parallel to ``attempt_scores``)."""
+    forced_keeps: int = 0
+    """Samples kept at the attempt cap although below the threshold."""
+    first_scores: list[float] = field(default_factory=list)
+    """``screen_only``: the first attempt's screen score of each sample, in ``request.samples`` order."""
+    init_threshold: float | None = None
+    """The threshold this shard initialised (only when the request carried None)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Rollout-actor seconds per phase: answer, image (MaskGIT), screen, reward."""
+    dropped: list[str] = field(default_factory=list)
+    """Optional reward experts dropped for this shard."""
+    reward_failures: dict[str, int] = field(default_factory=dict)
+    """Failed reward-server attempts per expert while producing this shard."""
+
+
+@dataclass
 class GroupResult:
     """A finished group plus what the controller needs to update DSOG and metrics."""
 
@@ -62,7 +105,7 @@ class GroupResult:
     init_threshold: float | None = None
     """The threshold this group initialised (only when the request carried None)."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase: answer, image (MaskGIT), screen, reward."""
+    """Rollout-actor seconds per phase (summed over the group's shards): answer, image (MaskGIT), screen, reward."""
     dropped: list[str] = field(default_factory=list)
     """Optional reward experts dropped for this group (their weight renormalised away)."""
     reward_failures: dict[str, int] = field(default_factory=dict)
@@ -94,11 +137,12 @@ class RolloutEngine:
 
     # -- phases --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _answers(self, req, task, question: str, g: int):
+    def _answers(self, req, task, question: str, idx: list[int]):
         tok, rcfg = self.policy.tok, self.cfg.rollout
+        g = len(idx)
         image_ids = self.policy.vq.encode(task.image[None]).to(self.device)
         mmu = build_mmu_inputs(tok, image_ids.repeat(g, 1), [question] * g)
-        gens = [self._gen(req, i, 0, "answer") for i in range(g)]
+        gens = [self._gen(req, i, 0, "answer") for i in idx]
         return mmu, generate_answers(self.policy.model, tok, mmu, max_new_tokens=rcfg.answer_max_new_tokens,
                                      temperature=rcfg.answer_temperature, top_k=rcfg.answer_top_k,
                                      generators=gens)
@@ -108,12 +152,15 @@ class RolloutEngine:
         return build_t2i_inputs(self.policy.tok, prompts, self.policy.vq.num_tokens,
                                 max_text_len=self.cfg.rollout.max_text_len)
 
-    def _images_with_dsog(self, req, prompts, screen_texts, concept, result: GroupResult):
-        """MaskGIT for every sample with the DSOG screen and redraws; returns finished sampler states per sample."""
+    def _images_with_dsog(self, req, idx, prompts, screen_texts, concept, result: SampleResult):
+        """MaskGIT for every sample with the DSOG screen and redraws; returns finished sampler states per sample.
+
+        ``idx``: the samples' indices in the group (their D7 seeds); lists here are in ``idx`` order, so local
+        position ``i`` draws with the seeds of sample ``idx[i]``."""
         dcfg = self.cfg.dsog
         g = len(screen_texts)
         if not dcfg.enabled:
-            state = self.sampler.start(self._t2i(prompts), [self._gen(req, i, 0, "image") for i in range(g)])
+            state = self.sampler.start(self._t2i(prompts), [self._gen(req, idx[i], 0, "image") for i in range(g)])
             state = self.sampler.run(state)
             return [(state, i) for i in range(g)], [float("nan")] * g, [1] * g
         threshold = req.threshold
@@ -125,12 +172,15 @@ class RolloutEngine:
         attempt = 0
         while pending and attempt < dcfg.max_attempts:
             state = self.sampler.start(self._t2i([prompts[i] for i in pending]),
-                                       [self._gen(req, i, attempt, "image") for i in pending])
+                                       [self._gen(req, idx[i], attempt, "image") for i in pending])
             state = self.sampler.run(state, stop_after_step=dcfg.screen_step)
             preview = self.policy.vq.decode_uint8(self.sampler.preview_ids(state))
             t_screen = time.perf_counter()
             scores = self.scorer.screen(preview, [screen_texts[i] for i in pending], [concept] * len(pending))
             result.timings["screen"] = result.timings.get("screen", 0.0) + time.perf_counter() - t_screen
+            if req.screen_only:
+                result.first_scores = [float(x) for x in scores]
+                return None, None, None
             if threshold is None:
                 threshold = DSOGController.initial_threshold(scores, dcfg)
                 result.init_threshold = threshold
@@ -169,21 +219,37 @@ class RolloutEngine:
         return [finished[i] for i in range(g)], scores_kept, attempts
 
     def generate_group(self, req: GroupRequest) -> GroupResult:
-        """Produce the G samples of one prompt (with rewards; advantages are the controller's job)."""
+        """Produce the G samples of one prompt in one batch (with rewards; advantages are the controller's job).
+
+        A None threshold is initialised from this group's first-attempt screen scores (D6)."""
+        shard = SampleRequest(step=req.step, prompt_index=req.prompt_index, concept=req.concept,
+                              threshold=req.threshold, samples=tuple(range(self.cfg.rollout.group_size)))
+        return assemble_group(req, [self.generate_samples(shard)])
+
+    def generate_samples(self, req: SampleRequest) -> SampleResult:
+        """Produce the samples ``req.samples`` of one prompt's group (or, ``screen_only``, their first screen
+        scores). By D7 every sample is the same whichever shard or actor produces it, provided the shard's
+        composition is the same (batched float arithmetic may depend on the batch)."""
         cfg, tok = self.cfg, self.policy.tok
-        g = cfg.rollout.group_size
+        idx = [int(i) for i in req.samples]
+        g = len(idx)
+        if g < 1 or len(set(idx)) != g or min(idx) < 0 or max(idx) >= cfg.rollout.group_size:
+            raise ValueError(f"SampleRequest.samples must be distinct indices in 0..{cfg.rollout.group_size - 1}, "
+                             f"got {req.samples}")
+        if req.screen_only and not cfg.dsog.enabled:
+            raise ValueError("SampleRequest.screen_only needs dsog.enabled")
         info = self.dataset.concept(req.concept).info
         mcfg = cfg.model
         tokens = ConceptPromptTokens.from_concept_tokens(
             self.policy.concepts[req.concept], num_understanding=mcfg.num_understanding_tokens,
             num_generation=mcfg.num_generation_tokens)
-        result = GroupResult(request=req, samples=[])
+        result = SampleResult(request=req, samples=[])
         failures_before = dict(self._failure_totals())
         t0 = time.perf_counter()
         task = sample_task(self.dataset, req.concept, self._rng(req, "task"), text_ratio=cfg.data.text_task_ratio,
                            style=cfg.data.prompt_style)
         question = build_understanding_prompt(task, tokens)
-        mmu, answers = self._answers(req, task, question, g)
+        mmu, answers = self._answers(req, task, question, idx)
         t1 = time.perf_counter()
         prompts, cuts = [], []
         for text in answers.texts:
@@ -191,7 +257,12 @@ class RolloutEngine:
             prompts.append(cp)
             cuts.append(cut)
         screen_texts = [reward_prompt(p, tokens, info.class_word, style=task.style) for p in prompts]
-        finished, screen_scores, attempts = self._images_with_dsog(req, prompts, screen_texts, req.concept, result)
+        finished, screen_scores, attempts = self._images_with_dsog(req, idx, prompts, screen_texts, req.concept,
+                                                                   result)
+        if req.screen_only:
+            result.timings.update(answer=t1 - t0,
+                                  image=time.perf_counter() - t1 - result.timings.get("screen", 0.0))
+            return result
         t2i = self._t2i(prompts)
         t2 = time.perf_counter()
         final_ids = torch.stack([state.trajectory.final_ids[k] for state, k in finished])
@@ -208,9 +279,10 @@ class RolloutEngine:
             traj = state.trajectory
             m = answers.mask[i]
             result.samples.append(RolloutSample(
-                step=req.step, prompt_index=req.prompt_index, sample_index=i, concept=req.concept,
+                step=req.step, prompt_index=req.prompt_index, sample_index=idx[i], concept=req.concept,
                 category=info.category, task_kind=task.kind,
-                mmu_input_ids=mmu.input_ids[i, mmu.input_ids.shape[1] - mmu.prompt_lens[i]:].cpu().numpy(), answer_ids=answers.ids[i][m].cpu().numpy(),
+                mmu_input_ids=mmu.input_ids[i, mmu.input_ids.shape[1] - mmu.prompt_lens[i]:].cpu().numpy(),
+                answer_ids=answers.ids[i][m].cpu().numpy(),
                 answer_logps=answers.logps[i][m].float().cpu().numpy(), answer_text=answers.texts[i],
                 prompt_text=prompts[i], prompt_cut=cuts[i],
                 t2i_input_ids=t2i.input_ids[i].cpu().numpy(), uncond_input_ids=t2i.uncond_input_ids[i].cpu().numpy(),
@@ -225,3 +297,25 @@ class RolloutEngine:
                                   if v - failures_before.get(k, 0) > 0}
         result.timings.update(answer=t1 - t0, image=t2 - t1 - result.timings.get("screen", 0.0), reward=t3 - t2)
         return result
+
+
+def assemble_group(req: GroupRequest, shards: list[SampleResult]) -> GroupResult:
+    """One GroupResult from a group's shard results (any arrival order): samples in sample order, attempts in shard
+    order, forced keeps / timings / failures summed, dropped experts united."""
+    shards = sorted(shards, key=lambda r: r.request.samples[0])
+    out = GroupResult(request=req, samples=[s for r in shards for s in r.samples])
+    out.samples.sort(key=lambda s: s.sample_index)
+    for r in shards:
+        out.attempt_scores.extend(r.attempt_scores)
+        out.attempt_accepted.extend(r.attempt_accepted)
+        out.forced_keeps += r.forced_keeps
+        for k, v in r.timings.items():
+            out.timings[k] = out.timings.get(k, 0.0) + v
+        for k, v in r.reward_failures.items():
+            out.reward_failures[k] = out.reward_failures.get(k, 0) + v
+        for d in r.dropped:
+            if d not in out.dropped:
+                out.dropped.append(d)
+        if r.init_threshold is not None and out.init_threshold is None:
+            out.init_threshold = r.init_threshold
+    return out

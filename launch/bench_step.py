@@ -426,6 +426,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                              "interleaved (median; default 7, real shapes 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process baselines")
     p.add_argument("--skip-step", action="store_true", help="only the in-process baselines (no Ray)")
+    p.add_argument("--scaling", action="store_true", help="only launch/bench_scaling: group sharding over rollout "
+                   "actors and learner units per forward (figures as NAME: VALUE lines)")
     p.add_argument("--serve", action="store_true", help="also run launch/bench_serve (~40 s more)")
     p.add_argument("--address", default=None, help="join this Ray cluster (no memory per role then)")
     p.add_argument("--out", default=None, help="also write the Markdown to this file")
@@ -455,6 +457,15 @@ def main(argv=None) -> str:
     device, repeats = ("cuda", args.repeats or 2) if args.real_shapes else ("cpu", args.repeats or 7)
     t0, tmp, history = time.perf_counter(), tempfile.mkdtemp(prefix="bench_step_"), None
     parts = [f"Machine: {machine()}", ""]
+    if args.scaling:
+        from launch.bench_scaling import GROUP_SIZE, run_scaling
+
+        try:
+            cfg = bench_config(False, [f"rollout.group_size={GROUP_SIZE}", *args.overrides], tmp)
+            parts.append(run_scaling(cfg, args.repeats or 3, args.threads, log))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return _emit(parts, args.out)
     try:
         cfg = bench_config(args.real_shapes, args.overrides, tmp)
         if not args.skip_step:
@@ -495,10 +506,15 @@ def main(argv=None) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     parts += ["", f"Benchmark wall time {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} at "
                   f"the end; in-process torch threads {torch.get_num_threads()}."]
+    return _emit(parts, args.out)
+
+
+def _emit(parts: list[str], out: str | None) -> str:
+    """Print the Markdown, write it to ``out`` when given, return it."""
     text = "\n".join(parts)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
     return text
 

@@ -118,3 +118,17 @@ def test_one_step_on_local_ray(ray_cluster, sample_root, tmp_path):
     for needle in ("| rollout (wall) |", "| learn (wall) |", "| weight sync |", "| **step** |", "images/s",
                    "DSOG attempts per kept sample", "| rollout actor | 1 |"):
         assert needle in text, needle
+
+
+def test_scaling_tables_end_with_the_figures():
+    from types import SimpleNamespace
+
+    from launch.bench_scaling import BEFORE, render
+
+    cfg = SimpleNamespace(sampler=SimpleNamespace(timesteps=12), dsog=SimpleNamespace(screen_step=4, max_attempts=2))
+    shard = {BEFORE: 1.0, "1 actor, shards of 1": 1.5, "2 actors, shards of 1": 0.8, "1 actor, shards of 4": 1.1,
+             "2 actors, shards of 4": 0.625}
+    tables, figures = render(shard, {1: 1000.0, 2: 1500.0, 4: 1800.0, 8: 1700.0}, cfg)
+    assert figures == ["group-sharding speed-up: 1.60×", "units-per-forward speed-up: 1.80×"]
+    assert "| 2 actors, shards of 4 | 0.62 | 1.60× |" in tables and "| 4 | 1800 | 1.80× |" in tables
+    assert bs.parse_args(["--scaling"]).scaling

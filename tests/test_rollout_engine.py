@@ -1,6 +1,8 @@
 """The rollout engine in-process (no Ray): one group end to end, D7 determinism, DSOG attempts."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +63,35 @@ def test_threshold_that_nothing_passes_keeps_best_attempt_at_the_cap(engine):
     # the kept attempt is the best-screened one of each sample
     scores = np.array(res.attempt_scores).reshape(cap, -1)
     assert np.allclose([s.screen_score for s in res.samples], scores.max(0))
+
+
+def test_shards_screen_only_and_assembly(engine):
+    """A group split into single-sample shards: the screen-only pass gives each shard's first-attempt scores, the
+    shards run with the calibrated threshold give a complete group whatever order they are assembled in, and a
+    shard re-run (another actor, by D7) is bit-identical."""
+    from actors.dispatch import shard_group
+    from actors.rollout_engine import assemble_group
+    from rl.dsog import DSOGController
+
+    g = engine.cfg.rollout.group_size
+    req = GroupRequest(step=2, prompt_index=0, concept="chelsea", threshold=None)
+    assert [s.samples for s in shard_group(req, g, 1)] == [(i,) for i in range(g)]
+    assert [s.samples for s in shard_group(req, 5, 2)] == [(0, 1), (2, 3), (4,)]
+    assert [s.samples for s in shard_group(req, g, 0)] == [tuple(range(g))]
+    first = [engine.generate_samples(s) for s in shard_group(req, g, 1, screen_only=True)]
+    assert all(len(r.first_scores) == 1 and not r.samples for r in first)
+    threshold = DSOGController.initial_threshold([r.first_scores[0] for r in first], engine.cfg.dsog)
+    calibrated = GroupRequest(step=2, prompt_index=0, concept="chelsea", threshold=threshold)
+    shards = [engine.generate_samples(s) for s in shard_group(calibrated, g, 1)]
+    for r, f in zip(shards, first):   # attempt 0 of the full run is the screen-only attempt, bit for bit
+        assert r.attempt_scores[0] == f.first_scores[0]
+    group = assemble_group(calibrated, list(reversed(shards)))
+    assert [s.sample_index for s in group.samples] == list(range(g))
+    assert group.attempt_scores == [x for r in shards for x in r.attempt_scores]
+    assert group.forced_keeps == sum(r.forced_keeps for r in shards)
+    assert sum(s.attempts for s in group.samples) == len(group.attempt_scores)
+    again = engine.generate_samples(shard_group(calibrated, g, 1)[1])
+    assert np.array_equal(again.samples[0].final_ids, shards[1].samples[0].final_ids)
+    assert again.samples[0].reward == shards[1].samples[0].reward
+    with pytest.raises(ValueError, match="samples must be distinct"):
+        engine.generate_samples(dataclasses.replace(shard_group(calibrated, g, 1)[0], samples=(0, 0)))

@@ -1,0 +1,113 @@
+"""Sample-level dispatch on a real local Ray cluster: the same samples, rewards, DSOG bookkeeping and losses with 1,
+2 and 3 rollout actors, for one group and for several; a rollout actor killed in the middle of a sharded group."""
+from __future__ import annotations
+
+import dataclasses
+import numpy as np
+import pytest
+import ray
+import torch
+
+from actors.dispatch import GroupDispatcher
+from actors.learner_step import make_showo_backend, run_units, schedule_units
+from rl.objective import group_advantages
+
+pytestmark = pytest.mark.slow
+
+# every expert scores each request alone: a Serve batch merging two actors' requests could change a score's last bits
+ALONE = [f"serve.{e}.max_batch_size=1" for e in ("tier", "ber", "der", "fer")]
+
+
+def _signature(results):
+    out = []
+    for r in results:
+        out.append((r.request.prompt_index, tuple(r.attempt_scores), tuple(r.attempt_accepted), r.forced_keeps,
+                    r.init_threshold, tuple((s.sample_index, s.final_ids.tobytes(), s.answer_ids.tobytes(),
+                                             s.image_logps.tobytes(), s.reward, s.attempts) for s in r.samples)))
+    return out
+
+
+def _step_loss(backend, results):
+    """The D5 step loss of the results' samples (advantages per group) at the initial weights, and its gradient
+    norm: what the learner would compute, in process."""
+    samples = []
+    for r in results:
+        adv = group_advantages(np.array([[s.reward for s in r.samples]]))[0]
+        for s, a in zip(r.samples, adv):
+            s.advantage = float(a)
+        samples.extend(r.samples)
+    backend.module.zero_grad(set_to_none=True)
+    backend.begin_step()
+    units = schedule_units(samples, 1, 0.4)[0]
+    sums = run_units(backend.module, lambda loss: loss.backward(), backend, samples, units, world_size=1)
+    grad = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in backend.module.parameters() if p.grad is not None))
+    return sums["loss"], float(grad)
+
+
+def test_one_two_or_three_rollout_actors_give_the_same_samples_and_losses(ray_cluster, tmp_path, sample_root,
+                                                                          make_trainer):
+    trainer = make_trainer(tmp_path, sample_root, ["rollout.num_workers=3", "run.prompts_per_step=2",
+                                                   "rollout.samples_per_request=1", *ALONE])
+    try:
+        cfg = trainer.cfg
+        backend = make_showo_backend(cfg, torch.device("cpu"))
+        requests = trainer.plan(0)          # threshold None: the split groups run the calibration pass
+        assert requests[0].threshold is None
+        outcomes, fixed_requests = {}, None
+        for n in (1, 2, 3):
+            d = GroupDispatcher(trainer.workers[:n], timeout_s=600, group_size=cfg.rollout.group_size,
+                                samples_per_request=1, dsog=cfg.dsog)
+            one = d.run(requests[:1])
+            several = d.run(requests)
+            if fixed_requests is None:   # a calibrated threshold (redraws) and one nothing passes (forced keeps)
+                fixed_requests = [dataclasses.replace(requests[0], threshold=several[0].init_threshold),
+                                  dataclasses.replace(requests[1], threshold=1e9)]
+            fixed = d.run(fixed_requests)
+            outcomes[n] = (_signature(one), _signature(several), _signature(fixed), _step_loss(backend, several))
+        for n in (2, 3):
+            assert outcomes[n][0] == outcomes[1][0], f"one group, {n} actors"
+            assert outcomes[n][1] == outcomes[1][1], f"two groups, {n} actors"
+            assert outcomes[n][2] == outcomes[1][2], f"fixed threshold, {n} actors"
+            assert outcomes[n][3] == outcomes[1][3], f"step loss and gradient norm, {n} actors"
+        sig = outcomes[1][1]
+        assert [len(g[5]) for g in sig] == [cfg.rollout.group_size] * 2
+        assert sig[0][4] is not None and sig[0][4] == outcomes[1][0][0][4]   # calibrated from the whole group
+        # the calibrated threshold is the (1 - TPR) quantile of the group's first-attempt scores, as for an unsplit
+        # group: attempt 0 of every sample is the first score it reports
+        from rl.dsog import DSOGController
+
+        firsts, pos = [], 0
+        for s in sorted(sig[0][5]):
+            firsts.append(sig[0][1][pos])
+            pos += s[5]
+        assert sig[0][4] == DSOGController.initial_threshold(firsts, cfg.dsog)
+        assert np.isfinite(outcomes[1][3][0]) and outcomes[1][3][1] > 0
+        forced = outcomes[1][2][1]
+        assert forced[3] == cfg.rollout.group_size and all(s[5] == cfg.dsog.max_attempts for s in forced[5])
+    finally:
+        trainer.shutdown()
+
+
+def test_a_rollout_actor_killed_in_the_middle_of_a_sharded_group(ray_cluster, tmp_path, sample_root, make_trainer):
+    trainer = make_trainer(tmp_path, sample_root, ["rollout.num_workers=2", "rollout.samples_per_request=1",
+                                                   "rollout.group_size=6", *ALONE])
+    try:
+        requests = trainer.plan(0)
+        clean = trainer.dispatcher.run(requests)
+        before = trainer.dispatcher.redispatched
+        victim = trainer.workers[0]
+        arrived = []
+
+        def kill_after_first_shard(shard):   # the group is under way: 5 of its 6 shards are still to come
+            arrived.append(shard.request.samples)
+            if len(arrived) == 1:
+                ray.kill(victim, no_restart=True)
+
+        redone = trainer.dispatcher.run(requests, on_shard=kill_after_first_shard)
+        assert sorted(arrived) == [(i,) for i in range(6)], "every shard accepted exactly once"
+        assert trainer.dispatcher.redispatched >= before + 1
+        assert trainer.workers[0] is not victim
+        assert _signature(redone) == _signature(clean)
+        assert [s.sample_index for s in redone[0].samples] == list(range(6))
+    finally:
+        trainer.shutdown()
