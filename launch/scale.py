@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 
-EXPERTS = ("tier", "ber", "der", "fer", "clip")
+EXPERTS = ("tier", "ber", "der", "fer", "clip", "unipercept")
 """The reward experts (``actors.reward_serve.ALL_EXPERTS``; repeated here so ``--help`` needs no Ray import)."""
 
 
