@@ -1,4 +1,11 @@
-"""Starting and joining Ray safely: loopback-only by default (design D15 / issue 12)."""
+"""Starting and joining Ray safely: loopback-only by default (design D15 / issues 12, 16).
+
+Which cluster a run uses is explicit. ``address`` None (and no ``RAY_ADDRESS``) always starts a new private cluster
+on 127.0.0.1 (``ray.init(address="local")``), whatever cluster Ray has recorded on the machine
+(``$RAY_TMPDIR/ray/ray_current_cluster``, written by ``ray start``); ``"auto"`` or an address joins that cluster and
+then never passes resources or bind addresses meant for a local start (Ray rejects them, and they would be ignored
+anyway). The log says which one happened.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,6 +14,10 @@ import os
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+
+LOCAL_ONLY_KEYS = ("num_cpus", "num_gpus", "include_dashboard", "dashboard_host", "_metrics_export_port",
+                   "_node_ip_address")
+"""``ray.init`` arguments that only apply when starting a cluster; never passed when joining one."""
 
 
 def loopback_env() -> dict[str, str]:
@@ -18,15 +29,46 @@ def loopback_env() -> dict[str, str]:
     }
 
 
+def resolve_address(address: str | None) -> str | None:
+    """The cluster to join, or None for a new private local cluster: ``address`` if given (``"local"`` means
+    None), else ``RAY_ADDRESS`` if set and non-empty. Ray's recorded "current cluster" is never consulted."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
+def ray_init_kwargs(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None,
+                    include_dashboard: bool = False, dashboard_host: str = LOOPBACK,
+                    metrics_export_port: int | None = None, runtime_env: dict | None = None) -> dict:
+    """``ray.init`` keyword arguments: joining ``address`` (resolved, see :func:`resolve_address`) or starting a
+    private local cluster (``address="local"``, node IP, dashboard and metrics on loopback)."""
+    env_vars = dict(loopback_env())
+    env_vars.update((runtime_env or {}).get("env_vars", {}))
+    runtime_env = dict(runtime_env or {}, env_vars=env_vars)
+    if address:
+        ignored = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus),
+                                      ("metrics_export_port", metrics_export_port)) if v is not None}
+        if include_dashboard:
+            ignored["include_dashboard"] = True
+        if ignored:
+            log.warning("joining the existing cluster %s: ignoring local-start settings %s (the cluster's own "
+                        "resources and ports apply)", address, ignored)
+        return dict(address=address, runtime_env=runtime_env, log_to_driver=True)
+    kwargs = dict(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
+                  runtime_env=runtime_env, _node_ip_address=LOOPBACK)
+    if include_dashboard:
+        kwargs["dashboard_host"] = dashboard_host
+    if metrics_export_port is not None:
+        kwargs["_metrics_export_port"] = metrics_export_port
+    return kwargs
+
+
 def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, include_dashboard: bool = False,
                     dashboard_host: str = LOOPBACK, metrics_export_port: int | None = None,
                     address: str | None = None, runtime_env: dict | None = None):
-    """Join the Ray cluster at ``address`` (e.g. under ``ray job submit``) or start a local one bound to loopback.
-
-    A local cluster binds the node IP, the dashboard and every port to 127.0.0.1 unless the caller passes another
-    ``dashboard_host`` explicitly. Returns ``ray.init``'s context.
-    """
-    address = address or os.environ.get("RAY_ADDRESS")
+    """Join the Ray cluster at ``address`` / ``RAY_ADDRESS`` (e.g. under ``ray job submit``) or start a new
+    private one bound to loopback (see the module docstring). Returns ``ray.init``'s context (or the current
+    runtime context when this process is already connected)."""
+    address = resolve_address(address)
     if not address:  # must be set before Ray resolves the node IP (i.e. before ray.init)
         for key, value in loopback_env().items():
             os.environ.setdefault(key, value)
@@ -34,20 +76,19 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, in
 
     if ray.is_initialized():
         return ray.get_runtime_context()
-    env_vars = dict(loopback_env())
-    env_vars.update((runtime_env or {}).get("env_vars", {}))
-    runtime_env = dict(runtime_env or {}, env_vars=env_vars)
+    kwargs = ray_init_kwargs(address, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
+                             dashboard_host=dashboard_host, metrics_export_port=metrics_export_port,
+                             runtime_env=runtime_env)
     if address:
-        log.info("joining Ray cluster at %s", address)
-        return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
-                  runtime_env=runtime_env, _node_ip_address=LOOPBACK)
-    if include_dashboard:
-        kwargs["dashboard_host"] = dashboard_host
-    if metrics_export_port is not None:
-        kwargs["_metrics_export_port"] = metrics_export_port
-    log.info("starting a local Ray cluster on %s (dashboard: %s)", LOOPBACK, include_dashboard)
-    return ray.init(**kwargs)
+        log.info("joining the existing Ray cluster at %s", address)
+        info = ray.init(**kwargs)
+        log.info("joined Ray cluster %s", info.address_info.get("gcs_address", address))
+        return info
+    log.info("starting a new private Ray cluster on %s (dashboard: %s); a cluster recorded on this machine is "
+             "not joined (set ray.address=auto or RAY_ADDRESS to join one)", LOOPBACK, include_dashboard)
+    info = ray.init(**kwargs)
+    log.info("started private Ray cluster %s", info.address_info.get("gcs_address"))
+    return info
 
 
 def start_ray_from_config(rc):

@@ -46,12 +46,19 @@ def prepare(cfg) -> None:
         write_sample_dataset(cfg.data.root)
 
 
+def connect_ray(cfg):
+    """Start or join Ray for ``cfg`` (``ray.address`` null and no ``RAY_ADDRESS``: a new private loopback cluster,
+    whatever Ray has recorded on the machine; ``auto`` / an address: join it). Returns ``ray.init``'s context."""
+    from actors.ray_env import start_ray_from_config
+
+    return start_ray_from_config(cfg.ray)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from actors.controller import Preempted, Trainer
-    from actors.ray_env import start_ray_from_config
     from configs.schema import load_config
 
     try:
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:   # ConfigError, DatasetError, missing paths: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    start_ray_from_config(cfg.ray)
+    connect_ray(cfg)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=args.resume)
     try:
