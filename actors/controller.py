@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.checkpoint import (RNG_FILE, CheckpointManager, config_changes, read_checkpoint, resolve_resume,
+from actors.checkpoint import (RNG_FILE, CheckpointError, CheckpointManager, config_changes, read_checkpoint, resolve_resume,
                                rng_state, set_rng_state)
 from actors.dispatch import GroupDispatcher
 from actors.metrics import MetricsLogger
-from actors.recovery import LEARNER_FAILURES, rebuild_learners
+from actors.recovery import learner_failed, rebuild_learners, replace_rollout, sync_rollouts
 from actors.rollout_engine import GroupRequest
 from actors.step_metrics import step_metrics
 from configs.schema import TrainConfig, config_to_dict
@@ -58,7 +58,12 @@ class Trainer:
         self._stop_requested = False
         self.learner_restarts = 0
         """Times the learner group was rebuilt after a rank failure in this run."""
+        self.rollout_restarts: dict[int, int] = {}
+        """Times each rollout actor slot was replaced after its actor died (bounded by rollout.max_restarts)."""
         self._last_samples: list = []
+        self.phase_hook = None
+        """Optional ``hook(phase, step)`` called as each phase starts: "rollout", "learn", "sync", "checkpoint"
+        (after the checkpoint's temporary folder exists). The seam the kill-matrix tests inject faults through."""
 
     # -- set-up --------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -97,14 +102,9 @@ class Trainer:
         log.info("set-up done in %.1fs", time.perf_counter() - t0)
 
     def _replace_worker(self, slot: int):
-        """A fresh rollout actor for a dead one, with the current weights."""
-        log.warning("replacing rollout actor %d", slot)
-        worker = self._make_worker(slot)
-        ray.get(worker.ready.remote())
-        self.workers[slot] = worker
-        self.learners.connect_rollouts(self.workers)
-        self.learners.sync_weights(self.workers)
-        return worker
+        """A fresh rollout actor for a dead one, holding learner rank 0's current weights (actors/recovery.py);
+        the learner group is not touched and the next sync re-forms the broadcast group."""
+        return replace_rollout(self, slot)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -130,7 +130,11 @@ class Trainer:
             log.warning("resuming with a different data order: concepts %s -> %s, prompts_per_step %s -> %s",
                         data.get("concepts"), self.concepts, data.get("prompts_per_step"),
                         self.cfg.run.prompts_per_step)
-        self.learners.load_checkpoint(str(path / "learner"))
+        try:
+            self.learners.load_checkpoint(str(path / "learner"))
+        except Exception as exc:   # DeepSpeed's own errors (a bare AssertionError) name no file
+            raise CheckpointError(f"checkpoint {path}: loading the learner state from {path / 'learner'} failed "
+                                  f"({type(exc).__name__}: {str(exc).strip()[:300]})") from exc
         self.dsog.load_state_dict(state["dsog"])
         self.dispatcher.redispatched = int(state.get("counters", {}).get("redispatched_groups", 0))
         if (path / RNG_FILE).exists():
@@ -142,6 +146,7 @@ class Trainer:
     def save_checkpoint(self, next_step: int) -> Path:
         """Write an atomic checkpoint whose resume point is ``next_step`` (see actors/checkpoint.py)."""
         tmp = self.ckpt.begin(next_step)
+        self._phase("checkpoint", next_step - 1)
         self.learners.save_checkpoint(str(tmp / "learner"))
         (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
         state = {"next_step": next_step, "seed": self.cfg.run.seed, "dsog": self.dsog.state_dict(),
@@ -166,6 +171,7 @@ class Trainer:
         t0 = time.perf_counter()
         requests = self.plan(step)
         threshold_used = requests[0].threshold if requests else None
+        self._phase("rollout", step)
         results = self.dispatcher.run(requests)
         t_rollout = time.perf_counter() - t0
         for res in results:
@@ -185,15 +191,21 @@ class Trainer:
         if self.cfg.dsog.enabled and scores:
             self.dsog.observe_batch(scores, accepted, forced=sum(r.forced_keeps for r in results))
         t1 = time.perf_counter()
+        self._phase("learn", step)
         learn = self.learners.train_step(samples)
         t2 = time.perf_counter()
-        sync_s = self.learners.sync_weights(self.workers)
+        self._phase("sync", step)
+        sync_s = sync_rollouts(self)   # a rollout actor dead since the dispatch is replaced here
         t3 = time.perf_counter()
         times = {"rollout": t_rollout, "learn": t2 - t1, "sync": t3 - t2, "step": t3 - t0}
         metrics = step_metrics(step, results, samples, learn, self.dsog, times, self.dispatcher,
                                threshold_used=threshold_used)
         metrics["sync/seconds"] = float(sync_s)
         return metrics
+
+    def _phase(self, phase: str, step: int) -> None:
+        if self.phase_hook is not None:
+            self.phase_hook(phase, step)
 
     def run(self) -> list[dict]:
         """The whole run: steps from the resume point to ``run.steps`` under a progress bar (a metrics line per
@@ -219,7 +231,9 @@ class Trainer:
             while step < cfg.run.steps:
                 try:
                     step = self._run_step(step, bar)
-                except LEARNER_FAILURES as exc:   # a dead/hung rank: rebuild the group from the last checkpoint
+                except Exception as exc:   # a dead/hung rank: rebuild the group from the last checkpoint
+                    if isinstance(exc, Preempted) or not learner_failed(self, exc):
+                        raise
                     step = rebuild_learners(self, exc)
                     bar.n = step
             bar.close()

@@ -12,7 +12,9 @@ from collections import deque
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError
+
+from actors.recovery import ACTOR_DEATH_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class GroupDispatcher:
                 started.pop(ref, None)
                 try:
                     result = ray.get(ref, timeout=0)
-                except (RayActorError, GetTimeoutError) as exc:
+                except ACTOR_DEATH_ERRORS as exc:
                     tries[idx] += 1
                     if tries[idx] > self.max_redispatch:
                         raise RolloutLost(f"group {idx} failed {tries[idx]} times; last error: {exc}") from exc
