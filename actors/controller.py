@@ -70,7 +70,7 @@ class Trainer:
         """Deploy reward servers, place and start learner and rollout actors, restore a checkpoint, sync."""
         from actors.learner import LearnerGroup
         from actors.placement import RolePlacement
-        from actors.reward_serve import deploy_rewards
+        from actors.reward_serve import RewardPool
         from actors.rollout import RolloutWorker
         from rl.data import load_concept_dataset
 
@@ -80,7 +80,8 @@ class Trainer:
         self.concepts = sorted(self.dataset.concepts)
         log.info("dataset %s: %d concepts (%s)", cfg.data.root, len(self.concepts), ", ".join(self.concepts))
         self.placement = RolePlacement(cfg)
-        deploy_rewards(cfg.serve, data_root=cfg.data.root)
+        self.rewards = RewardPool(cfg.serve)   # owned (deleted in shutdown) or a shared pool (left alone)
+        self.rewards.start(data_root=cfg.data.root)
         log.info("reward deployments ready (%.1fs)", time.perf_counter() - t0)
         self.learners = LearnerGroup(cfg, self.placement)
         cfg_dict = config_to_dict(cfg)
@@ -286,16 +287,14 @@ class Trainer:
         save_reward_curves(self.run_dir / "reward_curves.png", self.run_dir)
 
     def shutdown(self) -> None:
-        """Stop actors and deployments started by this trainer."""
-        for w in getattr(self, "workers", []):
-            ray.kill(w)
-        if hasattr(self, "learners"):
-            self.learners.shutdown()
-        if hasattr(self, "placement"):
-            self.placement.remove()
-        try:
-            from ray import serve
-
-            serve.shutdown()
-        except Exception:
-            pass
+        """Stop what this trainer started: rollout actors, learner ranks, placement groups and (``serve.mode:
+        owned``) the reward applications. Safe after a failed or partial ``setup``; each part is attempted."""
+        steps = [("rollout actors", lambda: [ray.kill(w) for w in getattr(self, "workers", [])]),
+                 ("learner ranks", lambda: self.learners.shutdown() if hasattr(self, "learners") else None),
+                 ("placement groups", lambda: self.placement.remove() if hasattr(self, "placement") else None),
+                 ("reward applications", lambda: self.rewards.close() if hasattr(self, "rewards") else None)]
+        for what, stop in steps:
+            try:
+                stop()
+            except Exception as exc:
+                log.warning("shutdown: stopping the %s failed: %s", what, exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -67,16 +68,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:   # ConfigError, DatasetError, missing paths: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from actors.checkpoint import CheckpointError
+
     connect_ray(cfg)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except CheckpointError as exc:   # a damaged / missing --resume checkpoint, named with the wrong file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def stop_during_setup(signum, frame):   # Trainer.run installs a graceful handler once steps run
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, stop_during_setup)
     try:
         trainer.setup()
         trainer.run()
     except Preempted as exc:
         log.warning("%s", exc)
         return 143
-    finally:
+    finally:   # success, error, SIGTERM or Ctrl-C: what the run started (reward applications included) goes
         trainer.shutdown()
     log.info("run finished in %.1fs; outputs in %s", time.perf_counter() - t0, cfg.run_dir)
     print(f"run folder: {cfg.run_dir}")
