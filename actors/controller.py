@@ -70,7 +70,8 @@ class Trainer:
         """Deploy reward servers, place and start learner and rollout actors, restore a checkpoint, sync."""
         from actors.learner import LearnerGroup
         from actors.placement import RolePlacement
-        from actors.reward_serve import RewardPool
+        from actors.reward_metrics import ReplicaDeathWatch
+        from actors.reward_serve import RewardPool, app_name
         from actors.rollout import RolloutWorker
         from rl.data import load_concept_dataset
 
@@ -82,6 +83,7 @@ class Trainer:
         self.placement = RolePlacement(cfg)
         self.rewards = RewardPool(cfg.serve)   # owned (deleted in shutdown) or a shared pool (left alone)
         self.rewards.start(data_root=cfg.data.root)
+        self.replica_watch = ReplicaDeathWatch({e: app_name(cfg.serve, e) for e in cfg.serve.enabled})
         log.info("reward deployments ready (%.1fs)", time.perf_counter() - t0)
         self.learners = LearnerGroup(cfg, self.placement)
         cfg_dict = config_to_dict(cfg)
@@ -202,6 +204,9 @@ class Trainer:
         metrics = step_metrics(step, results, samples, learn, self.dsog, times, self.dispatcher,
                                threshold_used=threshold_used)
         metrics["sync/seconds"] = float(sync_s)
+        watch = getattr(self, "replica_watch", None)   # replicas that died, even where Serve re-routed the request
+        if watch is not None:
+            metrics["faults/reward_failures"] += float(sum(watch.poll().values()))
         return metrics
 
     def _phase(self, phase: str, step: int) -> None:

@@ -96,3 +96,65 @@ def start_ray_from_config(rc):
     return start_local_ray(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
                            dashboard_host=rc.dashboard_host, metrics_export_port=rc.metrics_export_port,
                            address=rc.address)
+
+
+def listening_sockets(root_pid: int | None = None) -> list[dict]:
+    """TCP sockets in LISTEN state opened by ``root_pid`` (default: this process) and all its descendants — a
+    locally started Ray cluster's GCS, raylet, agents and every worker, Serve's proxy and replicas included.
+    Each: ``{"pid", "name", "address", "port"}``, sorted by process name and port."""
+    import psutil
+
+    root = psutil.Process(root_pid or os.getpid())
+    procs = {root.pid: root}
+    procs.update({p.pid: p for p in root.children(recursive=True)})
+    out = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid not in procs:
+            continue
+        try:
+            name = " ".join(procs[conn.pid].cmdline()[:2])[-60:] or procs[conn.pid].name()
+        except psutil.Error:
+            name = "?"
+        out.append({"pid": conn.pid, "name": name, "address": conn.laddr.ip, "port": conn.laddr.port})
+    return sorted(out, key=lambda s: (s["name"], s["port"]))
+
+
+def is_loopback_address(address: str) -> bool:
+    """True for 127.0.0.0/8 and ::1 (a wildcard 0.0.0.0 / :: is not loopback)."""
+    import ipaddress
+
+    return ipaddress.ip_address(address).is_loopback
+
+
+def bind_serve_replica_grpc_to_node_ip() -> str | None:
+    """Keep a Serve replica's internal gRPC server off the network's other interfaces.
+
+    Ray Serve 2.60 starts each replica's inter-deployment gRPC server on ``[::]:0`` (every interface; no option,
+    ``ray/serve/_private/replica.py``), after the replica's constructor. Called from inside that constructor, this
+    makes it bind the replica's Ray node IP instead: 127.0.0.1 on a loopback cluster, the node's cluster address
+    on a real one (where handles on other nodes reach it). Returns the address used, or None (with a warning) when
+    Serve's internals are not as expected (then the port stays on every interface: see the README's security
+    section for the firewall mitigation)."""
+    import ray
+
+    try:
+        from ray.serve._private import replica as serve_replica
+
+        original = serve_replica.add_port_to_grpc_server
+    except (ImportError, AttributeError) as exc:
+        log.warning("cannot bind the Serve replica gRPC server to the node IP (%s); it listens on all interfaces",
+                    exc)
+        return None
+    if getattr(original, "bound_to", None):
+        return original.bound_to
+    ip = ray.util.get_node_ip_address()
+    host = f"[{ip}]" if ":" in ip else ip
+
+    def bound(server, address):
+        if address.startswith("[::]:"):
+            address = f"{host}:{address[len('[::]:'):]}"
+        return original(server, address)
+
+    bound.bound_to = ip
+    serve_replica.add_port_to_grpc_server = bound
+    return ip

@@ -136,6 +136,8 @@ def test_kill_matrix(role, reference, tmp_path, sample_root, make_trainer_module
         assert (got["rollout"][name] - ref).abs().max().item() <= 1e-6, name
     if role == "rollout actor":   # replaced at every phase, the learner group never rebuilt
         assert got["learner_restarts"] == 0 and got["rollout_restarts"] == {0: len(PHASES)}
+    if role == "reward replica":  # each dead replica is counted, even where Serve re-routed its requests
+        assert sum(r["faults/reward_failures"] for r in got["rows"]) >= len(PHASES)
     if role == "learner rank":    # rebuilt from the last checkpoint each time
         assert got["learner_restarts"] == len(PHASES) and not got["rollout_restarts"]
     print(f"\nKILL MATRIX {role}: {got['fired']} -> continued; learner rebuilds {got['learner_restarts']}, "
