@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.checkpoint import (RNG_FILE, CheckpointError, CheckpointManager, config_changes, read_checkpoint, resolve_resume,
-                               rng_state, set_rng_state)
+from actors.checkpoint import (RNG_FILE, CheckpointError, CheckpointManager, config_changes, read_checkpoint,
+                               resolve_resume, rng_state, set_rng_state)
 from actors.dispatch import GroupDispatcher
 from actors.metrics import MetricsLogger
 from actors.recovery import learner_failed, rebuild_learners, replace_rollout, sync_rollouts

@@ -18,7 +18,7 @@ import logging
 import time
 
 import ray
-from ray.exceptions import (GetTimeoutError, NodeDiedError, OutOfMemoryError, RayActorError,
+from ray.exceptions import (GetTimeoutError, NodeDiedError, OutOfMemoryError, RayActorError, RayTaskError,
                             WorkerCrashedError)
 
 from actors.checkpoint import read_checkpoint
@@ -45,13 +45,15 @@ class RolloutRecoveryFailed(RuntimeError):
 
 
 def is_actor_death(exc: BaseException) -> bool:
-    """True when ``exc`` (or an exception it was raised from) is one of :data:`ACTOR_DEATH_ERRORS`."""
+    """True when ``exc`` is one of :data:`ACTOR_DEATH_ERRORS`, also when it reached us wrapped in a Ray task error
+    (an actor method that itself called a dead actor). The service's own errors (e.g. ``RolloutLost``) are not
+    deaths, whatever caused them."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, ACTOR_DEATH_ERRORS):
             return True
         seen.add(id(exc))
-        exc = exc.__cause__
+        exc = exc.__cause__ if isinstance(exc, RayTaskError) else None
     return False
 
 

@@ -88,7 +88,8 @@ def _run(make_trainer, out, root, role=None):
                 t.join()
         trainer.shutdown()
     rows = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"history": history, "rows": rows, "weights": weights, "rollout": rollout, "fired": fired,
+    return {"run_dir": str(trainer.run_dir), "history": history, "rows": rows, "weights": weights,
+            "rollout": rollout, "fired": fired,
             "learner_restarts": trainer.learner_restarts, "rollout_restarts": dict(trainer.rollout_restarts)}
 
 
@@ -142,3 +143,55 @@ def test_kill_matrix(role, reference, tmp_path, sample_root, make_trainer_module
         assert got["learner_restarts"] == len(PHASES) and not got["rollout_restarts"]
     print(f"\nKILL MATRIX {role}: {got['fired']} -> continued; learner rebuilds {got['learner_restarts']}, "
           f"rollout replacements {got['rollout_restarts']}")
+
+
+DRIVER = """
+import os, signal, sys
+from configs.schema import load_config
+from launch.train import connect_ray
+from actors.controller import Trainer
+
+out, root, phase, step = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+from tests.conftest import TINY_TRAINER_OVERRIDES
+from tests.test_kill_matrix import OVERRIDES
+cfg = load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={out}", *TINY_TRAINER_OVERRIDES, *OVERRIDES])
+connect_ray(cfg)                       # joins the test's cluster through RAY_ADDRESS
+trainer = Trainer(cfg, resume="auto")
+try:
+    trainer.setup()
+    trainer.phase_hook = lambda p, s: os.kill(os.getpid(), signal.SIGKILL) if (p, s) == (phase, step) else None
+    trainer.run()
+finally:
+    trainer.shutdown()
+"""
+
+
+def test_kill_matrix_driver(reference, ray_cluster, tmp_path, sample_root):
+    """The driver SIGKILLed at each phase (one phase per step); each restart with --resume auto continues from the
+    last checkpoint; the run ends with the uninterrupted run's metrics and weights, each step once on disk."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root_dir = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address_info["gcs_address"], PYTHONPATH=str(root_dir))
+    outcomes = []
+    for step, phase in [*enumerate(PHASES), (None, None)]:
+        args = [sys.executable, "-c", DRIVER, str(tmp_path), str(sample_root), str(phase),
+                str(-1 if step is None else step)]
+        proc = subprocess.run(args, cwd=root_dir, env=env, capture_output=True, text=True, timeout=1200)
+        outcomes.append((phase, step, proc.returncode))
+        expected = 0 if phase is None else -signal.SIGKILL
+        assert proc.returncode == expected, (phase, step, proc.stderr[-4000:])
+    run_dir = next(tmp_path.glob("*/metrics.jsonl")).parent
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    bad = [x for a, b in zip(reference["rows"], rows) for x in _same_metrics(a, b)]
+    assert not bad, bad
+    from safetensors.torch import load_file
+
+    ref_final = next(Path(reference["run_dir"]).glob("final/*.safetensors"))
+    got, ref = load_file(str(run_dir / "final" / ref_final.name)), load_file(str(ref_final))
+    for name, value in ref.items():
+        assert (got[name] - value).abs().max().item() <= 1e-6, name
+    print(f"\nKILL MATRIX driver: {outcomes} -> resumed each time")
