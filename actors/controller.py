@@ -68,6 +68,13 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Deploy reward servers, place and start learner and rollout actors, restore a checkpoint, sync."""
+        try:
+            self._setup()
+        except BaseException:   # a failed set-up gives back what it started (placement groups, rewards, actors)
+            self.shutdown()
+            raise
+
+    def _setup(self) -> None:
         from actors.learner import LearnerGroup
         from actors.placement import RolePlacement
         from actors.reward_metrics import ReplicaDeathWatch
@@ -77,11 +84,12 @@ class Trainer:
 
         cfg = self.cfg
         t0 = time.perf_counter()
+        self.rewards = RewardPool(cfg.serve)   # owned (deleted in shutdown) or a shared pool (left alone)
+        self.rewards.check()
         self.dataset = load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None)
         self.concepts = sorted(self.dataset.concepts)
         log.info("dataset %s: %d concepts (%s)", cfg.data.root, len(self.concepts), ", ".join(self.concepts))
         self.placement = RolePlacement(cfg)
-        self.rewards = RewardPool(cfg.serve)   # owned (deleted in shutdown) or a shared pool (left alone)
         self.rewards.start(data_root=cfg.data.root)
         self.replica_watch = ReplicaDeathWatch({e: app_name(cfg.serve, e) for e in cfg.serve.enabled})
         log.info("reward deployments ready (%.1fs)", time.perf_counter() - t0)

@@ -285,8 +285,8 @@ class RewardPool:
         """Applications of the run's names found at start and replaced (owned mode)."""
         self._open = False
 
-    def start(self, data_root=None) -> None:
-        """Deploy (owned) or attach to (shared) the reward experts."""
+    def check(self) -> None:
+        """Fail before any work when ``shared`` and an enabled expert's application is not deployed."""
         cfg = self.cfg
         cfg.validate()
         if not self.owned:
@@ -295,6 +295,12 @@ class RewardPool:
             if missing:
                 raise RewardServiceError(",".join(missing), "serve.mode=shared but these applications are not "
                                          "deployed; start the reward pool first (or use serve.mode=owned)")
+
+    def start(self, data_root=None) -> None:
+        """Deploy (owned) or attach to (shared) the reward experts."""
+        cfg = self.cfg
+        self.check()
+        if not self.owned:
             for e in cfg.enabled:
                 wait_for_replicas(cfg, e, 1, timeout_s=cfg.deploy_timeout_s)
             log.info("using the shared reward pool %s (left running at the end of the run)", cfg.enabled)
