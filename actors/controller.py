@@ -78,7 +78,8 @@ class Trainer:
         from actors.learner import LearnerGroup
         from actors.placement import RolePlacement
         from actors.reward_metrics import ReplicaDeathWatch
-        from actors.reward_serve import RewardPool, app_name
+        from actors.reward_pool import RewardPool
+        from actors.reward_serve import app_name
         from actors.rollout import RolloutWorker
         from rl.data import load_concept_dataset
 
