@@ -120,10 +120,12 @@ def listening_sockets(root_pid: int | None = None) -> list[dict]:
 
 
 def is_loopback_address(address: str) -> bool:
-    """True for 127.0.0.0/8 and ::1 (a wildcard 0.0.0.0 / :: is not loopback)."""
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped ::ffff:127.x (a wildcard 0.0.0.0 / :: is not loopback)."""
     import ipaddress
 
-    return ipaddress.ip_address(address).is_loopback
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def bind_serve_replica_grpc_to_node_ip() -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.ray_env import LOCAL_ONLY_KEYS, ray_init_kwargs, resolve_address
+from actors.ray_env import LOCAL_ONLY_KEYS, is_loopback_address, ray_init_kwargs, resolve_address
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +69,8 @@ def test_train_start_ignores_a_foreign_cluster_recorded_on_the_machine():
         assert recorded.read_text() == "10.255.255.1:6379"   # the record is left alone
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_loopback_addresses():
+    assert all(map(is_loopback_address, ["127.0.0.1", "127.0.1.1", "::1", "::ffff:127.0.0.1"]))
+    assert not any(map(is_loopback_address, ["0.0.0.0", "::", "10.0.0.5", "::ffff:10.0.0.5"]))
