@@ -87,6 +87,23 @@ def dead_actors(handles, settle_s: float = 3.0) -> list[int]:
         time.sleep(0.25)
 
 
+def unreachable_actors(handles, timeout_s: float) -> list[int]:
+    """Indices of rollout actors that do not answer ``ready()`` within ``timeout_s`` (dead, on a lost node, or
+    hung): replacing them is safe, they hold nothing but weights."""
+    refs = [h.ready.remote() for h in handles]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    bad = []
+    for i, ref in enumerate(refs):
+        try:
+            if ref not in done:
+                raise GetTimeoutError(f"no answer within {timeout_s:.0f}s")
+            ray.get(ref, timeout=0)
+        except Exception as exc:
+            log.warning("rollout actor %d is unreachable (%s)", i, type(exc).__name__)
+            bad.append(i)
+    return bad
+
+
 # -------------------------------------------------------------------------------------------------- rollout side
 def replace_rollout(trainer, slot: int, load_weights: bool = True):
     """A fresh rollout actor in ``slot`` for a dead (or hung) one; with ``load_weights`` it first loads learner rank
@@ -121,6 +138,9 @@ def sync_rollouts(trainer, attempts: int = 3) -> float:
             return trainer.learners.sync_weights(trainer.workers)
         except Exception as exc:
             dead = dead_actors(trainer.workers)
+            if not dead and not dead_actors(trainer.learners.workers, settle_s=0.0):
+                # a lost node: its actors stay ALIVE in the GCS until the node's death is detected
+                dead = unreachable_actors(trainer.workers, timeout_s=trainer.cfg.sync.timeout_s)
             if not dead or attempt == attempts - 1:
                 raise
             log.warning("weight sync failed (%s) because rollout actor(s) %s died; replacing them, learner kept",
