@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import json, logging, socket, sys
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from ray.cluster_utils import Cluster
     from ray._private.state import actors
     from configs.schema import load_config
@@ -89,6 +89,7 @@ def test_two_nodes_sync_across_and_survive_losing_a_node(tmp_path, sample_root):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("\nMULTINODE", res)
+    print("\n".join(x[:300] for x in out.stderr.splitlines() if "actors.recovery" in x or "actors.dispatch" in x))
     assert res["learner_node"] != res["rollout_node"]           # the roles sit on different nodes
     assert all(s > 0 for s in res["sync_s"])                    # and every step's weights crossed between them
     assert res["rows"] == [0, 1, 2, 3] and res["steps"][-1] == 3  # each step exactly once on disk
