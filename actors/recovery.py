@@ -119,8 +119,17 @@ def replace_rollout(trainer, slot: int, load_weights: bool = True):
         ray.kill(trainer.workers[slot], no_restart=True)   # a hung actor is stopped, a dead one is a no-op
     except Exception:
         pass
-    worker = trainer._make_worker(slot)
-    ray.get(worker.ready.remote(), timeout=trainer.cfg.placement.ready_timeout_s + 600.0)
+    for attempt in range(1, 4):   # after a lost node, its placement bundle is re-placed a moment later
+        worker = trainer._make_worker(slot)
+        try:
+            ray.get(worker.ready.remote(), timeout=trainer.cfg.placement.ready_timeout_s + 600.0)
+            break
+        except ACTOR_DEATH_ERRORS as exc:
+            if attempt == 3:
+                raise
+            log.warning("replacement rollout actor %d died while starting (%s); trying again", slot,
+                        type(exc).__name__)
+            time.sleep(2.0 * attempt)
     if load_weights:
         state = ray.put(trainer.learners.state_dict_rank0())
         ray.get(worker.load_weights.remote(state), timeout=trainer.cfg.sync.timeout_s + 60.0)
