@@ -124,7 +124,7 @@ def replace_rollout(trainer, slot: int, load_weights: bool = True):
         try:
             ray.get(worker.ready.remote(), timeout=trainer.cfg.placement.ready_timeout_s + 600.0)
             break
-        except ACTOR_DEATH_ERRORS as exc:
+        except RayActorError as exc:   # died while starting; a timeout (no room) is not retried
             if attempt == 3:
                 raise
             log.warning("replacement rollout actor %d died while starting (%s); trying again", slot,
