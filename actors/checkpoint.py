@@ -7,6 +7,11 @@ state, counters, commit time), ``rng.json`` (the driver's RNG states), the run's
 ``COMPLETE`` marker is its last file), so a write killed half-way never replaces or damages a good checkpoint.
 ``latest`` names the newest complete one; a resume prefers it and falls back to the newest complete checkpoint by
 commit time. Older checkpoints beyond ``keep_last`` (by commit time) are removed only after a newer one is complete.
+
+``MANIFEST.json`` (written just before ``COMPLETE``) lists every file of the checkpoint with its size. A checkpoint
+whose files do not match it (a file deleted, truncated or grown after the write) is *damaged*: ``--resume PATH``
+stops with an error naming the wrong file, ``--resume auto`` and the learner rebuild use the newest intact one and
+warn about each damaged one they skip; a ``latest`` that names a missing or damaged folder is warned about.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ CONFIG_FILE = "config.yaml"
 RNG_FILE = "rng.json"
 COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
+MANIFEST_FILE = "MANIFEST.json"
 
 
 class CheckpointError(RuntimeError):
@@ -76,6 +82,39 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and (path / COMPLETE_MARKER).is_file() and (path / STATE_FILE).is_file()
 
 
+def _manifest(folder: Path) -> dict[str, int]:
+    """Relative path → size of every file under ``folder`` (the manifest itself and ``COMPLETE`` excluded)."""
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name not in (MANIFEST_FILE, COMPLETE_MARKER)}
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be used (naming the wrong file), or None when it is intact.
+    Checks completeness, then every file of ``MANIFEST.json`` against its recorded size (checkpoints written
+    before manifests existed are checked for completeness only)."""
+    path = Path(path)
+    if not is_complete(path):
+        return f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} / {STATE_FILE})"
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"checkpoint {path}: {path / STATE_FILE} is unreadable ({exc})"
+    if not (path / MANIFEST_FILE).is_file():
+        return None
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"checkpoint {path}: {path / MANIFEST_FILE} is unreadable ({exc})"
+    for rel, size in manifest.items():
+        f = path / rel
+        if not f.is_file():
+            return f"checkpoint {path}: file {f} is missing"
+        actual = f.stat().st_size
+        if actual != size:
+            return f"checkpoint {path}: file {f} has {actual} bytes, {size} were written (truncated or damaged)"
+    return None
+
+
 def _committed_at(path: Path) -> float:
     try:
         return float(json.loads((path / STATE_FILE).read_text()).get("committed_at", 0.0))
@@ -117,6 +156,7 @@ class CheckpointManager:
         _write_synced(tmp / STATE_FILE, json.dumps(state, indent=2))
         _write_synced(tmp / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
         _write_synced(tmp / "git_revision.txt", git_revision() + "\n")
+        _write_synced(tmp / MANIFEST_FILE, json.dumps({"files": _manifest(tmp)}, indent=1))
         _write_synced(tmp / COMPLETE_MARKER, "ok\n")
         _fsync_dir(tmp)
         final = self.step_dir(step)
@@ -147,16 +187,36 @@ class CheckpointManager:
             found.append(p)
         return sorted(found, key=lambda p: (_committed_at(p), p.name))
 
-    def latest(self) -> Path | None:
-        """The checkpoint ``latest`` names if it is complete, else the newest complete one, else None."""
+    def latest(self, warn: bool = False) -> Path | None:
+        """The checkpoint ``latest`` names if it is intact, else the newest intact one, else None. With ``warn``
+        every damaged checkpoint skipped is logged with the wrong file, and so is a dangling ``latest``."""
         pointer = self.root / LATEST_FILE
+        skipped: set[Path] = set()
         if pointer.is_file():
             name = pointer.read_text().strip()
-            for cand in (self.root / name, self.root / (name + ".old")):
-                if name and is_complete(cand):
+            cands = [c for c in (self.root / name, self.root / (name + ".old")) if name and is_complete(c)]
+            for cand in cands:
+                why = damage(cand)
+                if why is None:
                     return cand
-        done = self.complete()
-        return done[-1] if done else None
+                skipped.add(cand)
+                if warn:
+                    log.warning("%s; falling back to an older checkpoint", why)
+            if not cands and warn:
+                log.warning("%s names %r, which is not a complete checkpoint folder (dangling pointer); using "
+                            "the newest intact checkpoint instead", pointer, name)
+        for cand in reversed(self.complete()):
+            if cand in skipped:
+                continue
+            why = damage(cand)
+            if why is None:
+                if warn and skipped:
+                    log.warning("using checkpoint %s (the newest intact one)", cand)
+                return cand
+            if warn:
+                log.warning("%s; falling back to an older checkpoint", why)
+            skipped.add(cand)
+        return None
 
     def prune(self) -> None:
         """Delete complete checkpoints beyond ``keep_last`` (never the latest) and stale temporary folders."""
@@ -176,16 +236,19 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        return CheckpointManager(run_dir).latest()
+        return CheckpointManager(run_dir).latest(warn=True)
     path = Path(resume).expanduser().resolve()
     if not is_complete(path) and (path / "checkpoints").is_dir():
-        latest = CheckpointManager(path).latest()
+        latest = CheckpointManager(path).latest(warn=True)
         if latest is None:
-            raise CheckpointError(f"--resume {resume}: run folder {path} has no complete checkpoint")
+            raise CheckpointError(f"--resume {resume}: run folder {path} has no complete, intact checkpoint")
         return latest
     if not is_complete(path):
         raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (expected {STATE_FILE} and "
                               f"{COMPLETE_MARKER} in {path})")
+    why = damage(path)
+    if why is not None:
+        raise CheckpointError(f"--resume {resume}: {why}")
     return path
 
 

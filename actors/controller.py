@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.checkpoint import (RNG_FILE, CheckpointManager, config_changes, read_checkpoint, resolve_resume,
-                               rng_state, set_rng_state)
+from actors.checkpoint import (RNG_FILE, CheckpointError, CheckpointManager, config_changes, read_checkpoint,
+                               resolve_resume, rng_state, set_rng_state)
 from actors.dispatch import GroupDispatcher
 from actors.metrics import MetricsLogger
-from actors.recovery import LEARNER_FAILURES, rebuild_learners
+from actors.recovery import learner_failed, rebuild_learners, replace_rollout, sync_rollouts
 from actors.rollout_engine import GroupRequest
 from actors.step_metrics import step_metrics
 from configs.schema import TrainConfig, config_to_dict
@@ -66,19 +66,35 @@ class Trainer:
         self._stop_requested = False
         self.learner_restarts = 0
         """Times the learner group was rebuilt after a rank failure in this run."""
+        self.rollout_restarts: dict[int, int] = {}
+        """Times each rollout actor slot was replaced after its actor died (bounded by rollout.max_restarts)."""
         self._last_samples: list = []
+        self.phase_hook = None
+        """Optional ``hook(phase, step)`` called as each phase starts: "rollout", "learn", "sync", "checkpoint"
+        (after the checkpoint's temporary folder exists). The seam the kill-matrix tests inject faults through."""
 
     # -- set-up --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Deploy reward servers, place and start learner and rollout actors, restore a checkpoint, sync."""
+        try:
+            self._setup()
+        except BaseException:   # a failed set-up gives back what it started (placement groups, rewards, actors)
+            self.shutdown()
+            raise
+
+    def _setup(self) -> None:
         from actors.learner import LearnerGroup
         from actors.placement import RolePlacement
-        from actors.reward_serve import deploy_rewards
+        from actors.reward_metrics import ReplicaDeathWatch
+        from actors.reward_pool import RewardPool
+        from actors.reward_serve import app_name
         from actors.rollout import RolloutWorker
         from actors.setup_log import concept_checkpoint_lines, role_line, watch_reward_replicas
 
         cfg = self.cfg
         t0 = time.perf_counter()
+        self.rewards = RewardPool(cfg.serve)   # owned (deleted in shutdown) or a shared pool (left alone)
+        self.rewards.check()
         if self.dataset is None:
             self.dataset = load_dataset(cfg.data)
         self.concepts = sorted(self.dataset.concepts)
@@ -87,7 +103,8 @@ class Trainer:
             log.info("%s", line)
         self.placement = RolePlacement(cfg)
         t = time.perf_counter()
-        deploy_rewards(cfg.serve, data_root=self.dataset)  # references read once here, with data.reader
+        self.rewards.start(data_root=self.dataset)  # references read once here, with data.reader
+        self.replica_watch = ReplicaDeathWatch({e: app_name(cfg.serve, e) for e in cfg.serve.enabled})
         log.info("%s", role_line("rewards", cfg, None, time.perf_counter() - t))
         self._replica_watch = watch_reward_replicas(cfg.serve)
         t = time.perf_counter()
@@ -114,14 +131,9 @@ class Trainer:
         log.info("set-up done in %.1fs", time.perf_counter() - t0)
 
     def _replace_worker(self, slot: int):
-        """A fresh rollout actor for a dead one, with the current weights."""
-        log.warning("replacing rollout actor %d", slot)
-        worker = self._make_worker(slot)
-        ray.get(worker.ready.remote())
-        self.workers[slot] = worker
-        self.learners.connect_rollouts(self.workers)
-        self.learners.sync_weights(self.workers)
-        return worker
+        """A fresh rollout actor for a dead one, holding learner rank 0's current weights (actors/recovery.py);
+        the learner group is not touched and the next sync re-forms the broadcast group."""
+        return replace_rollout(self, slot)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -147,7 +159,11 @@ class Trainer:
             log.warning("resuming with a different data order: concepts %s -> %s, prompts_per_step %s -> %s",
                         data.get("concepts"), self.concepts, data.get("prompts_per_step"),
                         self.cfg.run.prompts_per_step)
-        self.learners.load_checkpoint(str(path / "learner"))
+        try:
+            self.learners.load_checkpoint(str(path / "learner"))
+        except Exception as exc:   # DeepSpeed's own errors (a bare AssertionError) name no file
+            raise CheckpointError(f"checkpoint {path}: loading the learner state from {path / 'learner'} failed "
+                                  f"({type(exc).__name__}: {str(exc).strip()[:300]})") from exc
         self.dsog.load_state_dict(state["dsog"])
         self.dispatcher.redispatched = int(state.get("counters", {}).get("redispatched_groups", 0))
         if (path / RNG_FILE).exists():
@@ -159,6 +175,7 @@ class Trainer:
     def save_checkpoint(self, next_step: int) -> Path:
         """Write an atomic checkpoint whose resume point is ``next_step`` (see actors/checkpoint.py)."""
         tmp = self.ckpt.begin(next_step)
+        self._phase("checkpoint", next_step - 1)
         self.learners.save_checkpoint(str(tmp / "learner"))
         (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
         state = {"next_step": next_step, "seed": self.cfg.run.seed, "dsog": self.dsog.state_dict(),
@@ -183,6 +200,7 @@ class Trainer:
         t0 = time.perf_counter()
         requests = self.plan(step)
         threshold_used = requests[0].threshold if requests else None
+        self._phase("rollout", step)
         results = self.dispatcher.run(requests)
         t_rollout = time.perf_counter() - t0
         for res in results:
@@ -202,15 +220,24 @@ class Trainer:
         if self.cfg.dsog.enabled and scores:
             self.dsog.observe_batch(scores, accepted, forced=sum(r.forced_keeps for r in results))
         t1 = time.perf_counter()
+        self._phase("learn", step)
         learn = self.learners.train_step(samples)
         t2 = time.perf_counter()
-        sync_s = self.learners.sync_weights(self.workers)
+        self._phase("sync", step)
+        sync_s = sync_rollouts(self)   # a rollout actor dead since the dispatch is replaced here
         t3 = time.perf_counter()
         times = {"rollout": t_rollout, "learn": t2 - t1, "sync": t3 - t2, "step": t3 - t0}
         metrics = step_metrics(step, results, samples, learn, self.dsog, times, self.dispatcher,
                                threshold_used=threshold_used, experts=self.cfg.serve.enabled)
         metrics["sync/seconds"] = float(sync_s)
+        watch = getattr(self, "replica_watch", None)   # replicas that died, even where Serve re-routed the request
+        if watch is not None:
+            metrics["faults/reward_failures"] += float(sum(watch.poll().values()))
         return metrics
+
+    def _phase(self, phase: str, step: int) -> None:
+        if self.phase_hook is not None:
+            self.phase_hook(phase, step)
 
     def run(self) -> list[dict]:
         """The whole run: steps from the resume point to ``run.steps`` under a progress bar (a metrics line per
@@ -236,7 +263,9 @@ class Trainer:
             while step < cfg.run.steps:
                 try:
                     step = self._run_step(step, bar)
-                except LEARNER_FAILURES as exc:   # a dead/hung rank: rebuild the group from the last checkpoint
+                except Exception as exc:   # a dead/hung rank: rebuild the group from the last checkpoint
+                    if isinstance(exc, Preempted) or not learner_failed(self, exc):
+                        raise
                     step = rebuild_learners(self, exc)
                     bar.n = step
             bar.close()
@@ -293,19 +322,17 @@ class Trainer:
             self.metrics.log_image("reward_curves", path, self.cfg.run.steps - 1 if step is None else step)
 
     def shutdown(self) -> None:
-        """Stop actors and deployments started by this trainer."""
+        """Stop what this trainer started: rollout actors, learner ranks, placement groups and (``serve.mode:
+        owned``) the reward applications. Safe after a failed or partial ``setup``; each part is attempted."""
         if getattr(self, "_replica_watch", None) is not None:
             self._replica_watch.set()
         self.metrics.close()
-        for w in getattr(self, "workers", []):
-            ray.kill(w)
-        if hasattr(self, "learners"):
-            self.learners.shutdown()
-        if hasattr(self, "placement"):
-            self.placement.remove()
-        try:
-            from ray import serve
-
-            serve.shutdown()
-        except Exception:
-            pass
+        steps = [("rollout actors", lambda: [ray.kill(w) for w in getattr(self, "workers", [])]),
+                 ("learner ranks", lambda: self.learners.shutdown() if hasattr(self, "learners") else None),
+                 ("placement groups", lambda: self.placement.remove() if hasattr(self, "placement") else None),
+                 ("reward applications", lambda: self.rewards.close() if hasattr(self, "rewards") else None)]
+        for what, stop in steps:
+            try:
+                stop()
+            except Exception as exc:
+                log.warning("shutdown: stopping the %s failed: %s", what, exc)

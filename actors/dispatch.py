@@ -30,15 +30,12 @@ from collections import deque
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError
 
+from actors.recovery import ACTOR_DEATH_ERRORS
 from actors.rollout_engine import GroupRequest, GroupResult, SampleRequest, assemble_group
 
 log = logging.getLogger(__name__)
-
-ACTOR_FAILURES = (RayActorError, GetTimeoutError)
-"""Exceptions that mean "this actor is gone or hung": the task is re-dispatched (everything else propagates)."""
-
 
 class RolloutLost(RuntimeError):
     """A shard could not be produced even after re-dispatching."""
@@ -61,7 +58,7 @@ class TaskPool:
     """Pull-based execution of independent tasks on a list of actors, with re-dispatch on actor death.
 
     Each actor runs one task at a time; an idle actor takes the next queued task. A task whose actor failed
-    (:data:`ACTOR_FAILURES`) goes back to the front of the queue and its actor is replaced (``replace_actor``)."""
+    (:data:`actors.recovery.ACTOR_DEATH_ERRORS`: dead, OOM-killed, crashed, node lost or hung) goes back to the front of the queue and its actor is replaced (``replace_actor``)."""
 
     def __init__(self, actors: list, replace_actor: Callable[[int], object] | None = None,
                  max_redispatch: int = 3, timeout_s: float = 3600.0):
@@ -99,7 +96,7 @@ class TaskPool:
                 started.pop(ref, None)
                 try:
                     result = ray.get(ref, timeout=0)
-                except ACTOR_FAILURES as exc:
+                except ACTOR_DEATH_ERRORS as exc:
                     self._failed(idx, slot, exc, tries)
                     queue.appendleft((idx, tasks[idx]))
                     idle.append(slot)

@@ -1,4 +1,11 @@
-"""Starting and joining Ray safely: loopback-only by default (design D15 / issue 12)."""
+"""Starting and joining Ray safely: loopback-only by default (design D15 / issues 12, 16).
+
+Which cluster a run uses is explicit. ``address`` None (and no ``RAY_ADDRESS``) always starts a new private cluster
+on 127.0.0.1 (``ray.init(address="local")``), whatever cluster Ray has recorded on the machine
+(``$RAY_TMPDIR/ray/ray_current_cluster``, written by ``ray start``); ``"auto"`` or an address joins that cluster and
+then never passes resources or bind addresses meant for a local start (Ray rejects them, and they would be ignored
+anyway). The log says which one happened.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,6 +14,10 @@ import os
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+
+LOCAL_ONLY_KEYS = ("num_cpus", "num_gpus", "include_dashboard", "dashboard_host", "_metrics_export_port",
+                   "_node_ip_address")
+"""``ray.init`` arguments that only apply when starting a cluster; never passed when joining one."""
 
 
 def loopback_env() -> dict[str, str]:
@@ -29,22 +40,18 @@ def _job_env_vars() -> dict:
         return {}
 
 
-def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, include_dashboard: bool = False,
-                    dashboard_host: str = LOOPBACK, metrics_export_port: int | None = None,
-                    address: str | None = None, runtime_env: dict | None = None):
-    """Join the Ray cluster at ``address`` (e.g. under ``ray job submit``) or start a local one bound to loopback.
+def resolve_address(address: str | None) -> str | None:
+    """The cluster to join, or None for a new private local cluster: ``address`` if given (``"local"`` means
+    None), else ``RAY_ADDRESS`` if set and non-empty. Ray's recorded "current cluster" is never consulted."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
 
-    A local cluster binds the node IP, the dashboard and every port to 127.0.0.1 unless the caller passes another
-    ``dashboard_host`` explicitly. Returns ``ray.init``'s context.
-    """
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:  # must be set before Ray resolves the node IP (i.e. before ray.init)
-        for key, value in loopback_env().items():
-            os.environ.setdefault(key, value)
-    import ray
 
-    if ray.is_initialized():
-        return ray.get_runtime_context()
+def ray_init_kwargs(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None,
+                    include_dashboard: bool = False, dashboard_host: str = LOOPBACK,
+                    metrics_export_port: int | None = None, runtime_env: dict | None = None) -> dict:
+    """``ray.init`` keyword arguments: joining ``address`` (resolved, see :func:`resolve_address`) or starting a
+    private local cluster (``address="local"``, node IP, dashboard and metrics on loopback)."""
     env_vars = dict(loopback_env())
     env_vars.update((runtime_env or {}).get("env_vars", {}))
     # under `ray job submit --runtime-env ...` Ray refuses a driver env var the job's runtime env already sets
@@ -52,16 +59,50 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, in
     env_vars = {k: v for k, v in env_vars.items() if k not in job_vars}
     runtime_env = dict(runtime_env or {}, env_vars=env_vars)
     if address:
-        log.info("joining Ray cluster at %s", address)
-        return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
+        ignored = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus),
+                                      ("metrics_export_port", metrics_export_port)) if v is not None}
+        if include_dashboard:
+            ignored["include_dashboard"] = True
+        if ignored:
+            log.warning("joining the existing cluster %s: ignoring local-start settings %s (the cluster's own "
+                        "resources and ports apply)", address, ignored)
+        return dict(address=address, runtime_env=runtime_env, log_to_driver=True)
+    kwargs = dict(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
                   runtime_env=runtime_env, _node_ip_address=LOOPBACK)
     if include_dashboard:
         kwargs["dashboard_host"] = dashboard_host
     if metrics_export_port is not None:
         kwargs["_metrics_export_port"] = metrics_export_port
-    log.info("starting a local Ray cluster on %s (dashboard: %s)", LOOPBACK, include_dashboard)
-    return ray.init(**kwargs)
+    return kwargs
+
+
+def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, include_dashboard: bool = False,
+                    dashboard_host: str = LOOPBACK, metrics_export_port: int | None = None,
+                    address: str | None = None, runtime_env: dict | None = None):
+    """Join the Ray cluster at ``address`` / ``RAY_ADDRESS`` (e.g. under ``ray job submit``) or start a new
+    private one bound to loopback (see the module docstring). Returns ``ray.init``'s context (or the current
+    runtime context when this process is already connected)."""
+    address = resolve_address(address)
+    if not address:  # must be set before Ray resolves the node IP (i.e. before ray.init)
+        for key, value in loopback_env().items():
+            os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    kwargs = ray_init_kwargs(address, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
+                             dashboard_host=dashboard_host, metrics_export_port=metrics_export_port,
+                             runtime_env=runtime_env)
+    if address:
+        log.info("joining the existing Ray cluster at %s", address)
+        info = ray.init(**kwargs)
+        log.info("joined Ray cluster %s", info.address_info.get("gcs_address", address))
+        return info
+    log.info("starting a new private Ray cluster on %s (dashboard: %s); a cluster recorded on this machine is "
+             "not joined (set ray.address=auto or RAY_ADDRESS to join one)", LOOPBACK, include_dashboard)
+    info = ray.init(**kwargs)
+    log.info("started private Ray cluster %s", info.address_info.get("gcs_address"))
+    return info
 
 
 def start_ray_from_config(rc):
@@ -69,3 +110,67 @@ def start_ray_from_config(rc):
     return start_local_ray(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
                            dashboard_host=rc.dashboard_host, metrics_export_port=rc.metrics_export_port,
                            address=rc.address)
+
+
+def listening_sockets(root_pid: int | None = None) -> list[dict]:
+    """TCP sockets in LISTEN state opened by ``root_pid`` (default: this process) and all its descendants — a
+    locally started Ray cluster's GCS, raylet, agents and every worker, Serve's proxy and replicas included.
+    Each: ``{"pid", "name", "address", "port"}``, sorted by process name and port."""
+    import psutil
+
+    root = psutil.Process(root_pid or os.getpid())
+    procs = {root.pid: root}
+    procs.update({p.pid: p for p in root.children(recursive=True)})
+    out = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid not in procs:
+            continue
+        try:
+            name = " ".join(procs[conn.pid].cmdline()[:2])[-60:] or procs[conn.pid].name()
+        except psutil.Error:
+            name = "?"
+        out.append({"pid": conn.pid, "name": name, "address": conn.laddr.ip, "port": conn.laddr.port})
+    return sorted(out, key=lambda s: (s["name"], s["port"]))
+
+
+def is_loopback_address(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped ::ffff:127.x (a wildcard 0.0.0.0 / :: is not loopback)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def bind_serve_replica_grpc_to_node_ip() -> str | None:
+    """Keep a Serve replica's internal gRPC server off the network's other interfaces.
+
+    Ray Serve 2.60 starts each replica's inter-deployment gRPC server on ``[::]:0`` (every interface; no option,
+    ``ray/serve/_private/replica.py``), after the replica's constructor. Called from inside that constructor, this
+    makes it bind the replica's Ray node IP instead: 127.0.0.1 on a loopback cluster, the node's cluster address
+    on a real one (where handles on other nodes reach it). Returns the address used, or None (with a warning) when
+    Serve's internals are not as expected (then the port stays on every interface: see the README's security
+    section for the firewall mitigation)."""
+    import ray
+
+    try:
+        from ray.serve._private import replica as serve_replica
+
+        original = serve_replica.add_port_to_grpc_server
+    except (ImportError, AttributeError) as exc:
+        log.warning("cannot bind the Serve replica gRPC server to the node IP (%s); it listens on all interfaces",
+                    exc)
+        return None
+    if getattr(original, "bound_to", None):
+        return original.bound_to
+    ip = ray.util.get_node_ip_address()
+    host = f"[{ip}]" if ":" in ip else ip
+
+    def bound(server, address):
+        if address.startswith("[::]:"):
+            address = f"{host}:{address[len('[::]:'):]}"
+        return original(server, address)
+
+    bound.bound_to = ip
+    serve_replica.add_port_to_grpc_server = bound
+    return ip

@@ -25,7 +25,7 @@ from actors.prom_export import LABELS, REFRESH_S, run_labels
 
 log = logging.getLogger(__name__)
 
-FAILURE_KINDS = ("bad_request", "error", "timeout", "replica_died", "cancelled", "dropped")
+FAILURE_KINDS = ("bad_request", "error", "timeout", "replica_died", "replica_lost", "cancelled", "dropped")
 """Kinds of ``reward_serve_failures`` (each series exists at zero from the first use of an expert)."""
 
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
@@ -170,3 +170,58 @@ def watch_replicas(count_running, experts: list[str], period_s: float = REFRESH_
 
     threading.Thread(target=loop, name="reward-replicas", daemon=True).start()
     return stop
+
+
+_UNEXPECTED = ("WORKER_DIED", "NODE_DIED")
+"""ActorDiedErrorContext reasons that mean a replica died (not stopped by Serve / ray.kill)."""
+
+
+class ReplicaDeathWatch:
+    """Counts reward replicas of one run's applications that died unexpectedly (SIGKILL, crash, Ray's OOM kill, a
+    lost node), read from the GCS actor table. Serve re-routes a request whose replica died before accepting it, so
+    no client sees an error for it; this is where such a death is counted (``kind="replica_lost"`` in
+    ``reward_serve_failures`` and the step's ``faults/reward_failures``). Replicas Serve stops itself (scale-down,
+    failed health check, redeploy) end by ``ray.kill`` and are not counted."""
+
+    def __init__(self, app_names: dict[str, str]):
+        """``app_names``: expert → Serve application name."""
+        self.prefixes = {f"ServeReplica:{app}:": expert for expert, app in app_names.items()}
+        self.seen: set[str] = set()
+        self.poll(record=False)   # deaths from before the run are not the run's
+
+    def poll(self, record: bool = True) -> dict[str, int]:
+        """Expert → replicas that died since the last poll (recorded as failures unless ``record`` is False)."""
+        try:
+            from ray._private.state import actors
+
+            dead = actors(actor_state_name="DEAD")
+        except Exception as exc:   # the GCS query failed: report nothing rather than guess
+            log.debug("replica death watch: %s", exc)
+            return {}
+        found: dict[str, int] = {}
+        for actor_id, info in dead.items():
+            if actor_id in self.seen:
+                continue
+            expert = next((e for p, e in self.prefixes.items() if info.get("ActorClassName", "").startswith(p)),
+                          None)
+            if expert is None:
+                continue
+            self.seen.add(actor_id)
+            if _died_unexpectedly(info.get("DeathCause")):
+                found[expert] = found.get(expert, 0) + 1
+        if record:
+            for expert, n in found.items():
+                count_failure(expert, "replica_lost", n)
+                log.warning("reward expert %s: %d replica(s) died (counted as failures)", expert, n)
+        return found
+
+
+def _died_unexpectedly(cause) -> bool:
+    if cause is None:
+        return False
+    if cause.HasField("oom_context"):
+        return True
+    if cause.HasField("actor_died_error_context"):
+        ctx = cause.actor_died_error_context
+        return type(ctx).Reason.Name(ctx.reason) in _UNEXPECTED
+    return False

@@ -203,6 +203,12 @@ class ServeConfig:
     """Client: pause before a retry, times the attempt number (lets Serve replace a dead replica)."""
     deploy_timeout_s: float = 600.0
     """Seconds ``deploy_rewards`` / ``scale_expert(wait=True)`` wait for replicas to be running."""
+    mode: str = "owned"
+    """"owned": the run deploys its experts (replacing stale applications of the same names left by a crashed
+    earlier run) and deletes them when it ends, however it ends (success, error, SIGTERM, Ctrl-C); Serve itself is
+    shut down too when the run started it. "shared": a reward pool started separately (``deploy_rewards`` / another
+    job) under ``app_name`` is used as it is and never deployed, scaled or deleted by the run; a missing expert
+    application is an error before any work starts."""
 
     def validate(self) -> None:
         """Known, unique expert names; each expert's own bounds."""
@@ -216,6 +222,8 @@ class ServeConfig:
                 raise ValueError(f"serve.{name}: {exc}") from exc
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
+        if self.mode not in ("owned", "shared"):
+            raise ValueError(f"serve.mode must be 'owned' or 'shared', got {self.mode!r}")
 
     def expert(self, name: str) -> ExpertServeConfig:
         """The serving config of expert ``name``."""
@@ -289,16 +297,29 @@ def _put_references(cfg: ServeConfig, references, categories: dict[str, str] | N
     return {"actor": name, "namespace": "serve"}
 
 
-def ensure_serve(cfg: ServeConfig) -> None:
+def ensure_serve(cfg: ServeConfig) -> bool:
     """Start Serve with its HTTP proxy on ``cfg.http_host:cfg.http_port`` unless Serve is running already (then it
-    is used as it is: a proxy's address cannot change while Serve runs)."""
+    is used as it is: a proxy's address cannot change while Serve runs). Returns True when it was started here."""
     from ray import serve
 
     from ray.serve.context import _get_global_client
 
     if _get_global_client(raise_if_no_controller_running=False) is not None:
-        return
+        return False
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+    return True
+
+
+def deployed_apps(cfg) -> list[str]:
+    """The expert applications of ``cfg.app_name`` currently known to Serve (any state), in expert order."""
+    from ray.serve.context import _get_global_client
+
+    cfg = getattr(cfg, "serve", cfg)
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return []
+    apps = set(client.get_serve_details().get("applications", {}))
+    return [app_name(cfg, e) for e in ALL_EXPERTS if app_name(cfg, e) in apps]
 
 
 def build_application(cfg: ServeConfig, expert: str, source: dict | None):
@@ -473,6 +494,9 @@ def shutdown_rewards(cfg) -> None:
         else:
             if apps:
                 log.warning("reward applications still shutting down after 120s: %s", apps)
+        for e in ALL_EXPERTS:
+            if app_name(cfg, e) in apps:
+                reward_metrics.set_replicas(e, 0)
     try:
         ray.kill(ray.get_actor(_references_store_name(cfg), namespace="serve"))
     except ValueError:

@@ -29,7 +29,9 @@ class RolloutConfig:
     answer_top_k: int | None = None
     """Optional top-k for the answer IR; log-probs then use the renormalised top-k distribution (D3)."""
     max_restarts: int = 2
-    """Ray restarts a dead rollout actor this many times; its shards are re-dispatched (D7 keeps them exact)."""
+    """A dead rollout actor (SIGKILL, crash, Ray's OOM kill, lost node) is replaced by a fresh one holding the
+    learner's current weights, at any phase, this many times per actor slot in one run; its shards are
+    re-dispatched (D7 keeps them exact). One more death stops the run with an error naming the slot."""
     max_text_len: int = 128
     """Show-o's text block (max_seq_length): 128 tokens + <|t2i|>; the compound prompt's budget (D9)."""
     group_timeout_s: float = 3600.0
@@ -51,6 +53,8 @@ class RolloutConfig:
         if self.samples_per_request < 0:
             raise ValueError(f"rollout.samples_per_request must be >= 0 (0 = whole group), "
                              f"got {self.samples_per_request}")
+        if self.max_restarts < 0:
+            raise ValueError(f"rollout.max_restarts must be >= 0, got {self.max_restarts}")
 
 
 def _device(num_gpus: float) -> str:
@@ -59,7 +63,7 @@ def _device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-@ray.remote
+@ray.remote(max_restarts=0)   # replaced by the controller instead (actors/recovery.py): a restart would lose weights
 class RolloutWorker:
     """A Ray actor producing GRPO groups; receives weights from learner rank 0 (design D11)."""
 
@@ -110,6 +114,19 @@ class RolloutWorker:
     def receive_weights(self) -> float:
         """Receive the learner's weights (blocks until rank 0 broadcasts); returns seconds spent."""
         return self.receiver.receive(self.policy.model)
+
+    def load_weights(self, params: dict) -> None:
+        """Copy the learner's parameters (name → tensor, as learner rank 0's ``state_dict``) into the policy: how a
+        replacement actor gets the current weights without re-forming the sync group (actors/recovery.py)."""
+        import torch
+
+        own = dict(self.policy.model.named_parameters())
+        missing = sorted(set(own) - set(params))
+        if missing:
+            raise ValueError(f"load_weights: parameters missing from the learner's weights: {missing[:5]}")
+        with torch.no_grad():
+            for name, p in own.items():
+                p.data.copy_(params[name].to(device=p.device, dtype=p.dtype))
 
     def state_dict(self) -> dict:
         """The policy's weights on CPU (for tests)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -63,13 +64,24 @@ def prepare(cfg, training: bool = True):
     return dataset
 
 
+def connect_ray(cfg, runtime_env: dict | None = None):
+    """Start or join Ray for ``cfg`` (``ray.address`` null and no ``RAY_ADDRESS``: a new private loopback cluster,
+    whatever Ray has recorded on the machine; ``auto`` / an address: join it), with the job-wide ``runtime_env``.
+    Returns ``ray.init``'s context."""
+    from actors.ray_env import start_local_ray
+
+    rc = cfg.ray
+    return start_local_ray(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
+                           dashboard_host=rc.dashboard_host, metrics_export_port=rc.metrics_export_port,
+                           address=rc.address, runtime_env=runtime_env)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from actors.controller import Preempted, Trainer
     from actors.prom_export import RUN_ENV, submission_id
-    from actors.ray_env import start_local_ray
     from configs.schema import load_config
 
     try:
@@ -78,26 +90,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:   # ConfigError, DatasetError, missing paths: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from actors.checkpoint import CheckpointError
+
     os.environ[RUN_ENV] = cfg.run.name   # the run label of metrics recorded in this process and the job's actors
-    rc = cfg.ray
-    start_local_ray(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
-                    dashboard_host=rc.dashboard_host, metrics_export_port=rc.metrics_export_port, address=rc.address,
-                    runtime_env={"env_vars": {RUN_ENV: cfg.run.name,
-                                              "RAY_SERVE_LOG_TO_STDERR": os.environ["RAY_SERVE_LOG_TO_STDERR"]}})
+    connect_ray(cfg, runtime_env={"env_vars": {RUN_ENV: cfg.run.name,
+                                               "RAY_SERVE_LOG_TO_STDERR": os.environ["RAY_SERVE_LOG_TO_STDERR"]}})
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     import ray
 
     log.info("run %s: job %s%s, %d steps", cfg.run.name, ray.get_runtime_context().get_job_id(),
              f" (submission {submission_id()})" if submission_id() else "", cfg.run.steps)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, resume=args.resume, dataset=dataset)
+    try:
+        trainer = Trainer(cfg, resume=args.resume, dataset=dataset)
+    except CheckpointError as exc:   # a damaged / missing --resume checkpoint, named with the wrong file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def stop_during_setup(signum, frame):   # Trainer.run installs a graceful handler once steps run
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, stop_during_setup)
     try:
         trainer.setup()
         trainer.run()
     except Preempted as exc:
         log.warning("%s", exc)
         return 143
-    finally:
+    finally:   # success, error, SIGTERM or Ctrl-C: what the run started (reward applications included) goes
         trainer.shutdown()
     log.info("run finished in %.1fs; outputs in %s", time.perf_counter() - t0, cfg.run_dir)
     print(f"run folder: {cfg.run_dir}")

@@ -62,6 +62,34 @@ def test_retention_keeps_last_k_by_commit_order_and_never_the_latest(tmp_path):
     assert [p.name for p in mgr.complete()] == ["step_000003", "step_000002"] and mgr.latest().name == "step_000002"
 
 
+def test_damaged_checkpoint_names_the_file_and_resume_auto_falls_back_with_a_warning(tmp_path, caplog):
+    from actors.checkpoint import CheckpointError
+
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    good, bad = _commit(mgr, 2), _commit(mgr, 4)
+    weights = bad / "learner" / "weights.bin"
+    weights.write_bytes(b"w" * 10)                                     # truncated after the write
+    with caplog.at_level("WARNING", logger="actors.checkpoint"):
+        assert resolve_resume(tmp_path, "auto") == good
+    assert any(str(weights) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    with pytest.raises(CheckpointError, match=f"{weights}.*10 bytes, 64 were written"):
+        resolve_resume(tmp_path, str(bad))                             # an explicit path: loud, no fall-back
+    weights.unlink()                                                   # a missing file
+    with pytest.raises(CheckpointError, match=f"file {weights} is missing"):
+        resolve_resume(tmp_path, str(bad))
+    assert mgr.latest() == good
+    # a dangling `latest` (its folder deleted): warned about, the newest intact one is used
+    import shutil
+
+    shutil.rmtree(bad)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="actors.checkpoint"):
+        assert resolve_resume(tmp_path, "auto") == good
+    assert any("dangling" in r.getMessage() and "step_000004" in r.getMessage() for r in caplog.records)
+    shutil.rmtree(good)
+    assert resolve_resume(tmp_path, "auto") is None
+
+
 def test_rng_state_roundtrip():
     state = json.loads(json.dumps(rng_state()))
     a = (random.random(), np.random.rand(), torch.rand(1).item())
