@@ -57,3 +57,14 @@ def make_trainer():
         return trainer
 
     return build
+
+
+@pytest.fixture(scope="session")
+def unipercept_python():
+    """UniPercept's overlay environment's interpreter, built once by the project command when missing or stale
+    (``python -m launch.build_reward_env unipercept``; from the package registry)."""
+    from launch.build_reward_env import build_env, env_python
+    from rewards.expert_env import default_dest
+
+    build_env("unipercept", log=print)
+    return env_python(default_dest("unipercept"))

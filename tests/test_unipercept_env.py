@@ -16,16 +16,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def unipercept_python():
-    """The overlay environment's interpreter (built by the project command when missing or stale)."""
-    from launch.build_reward_env import build_env, env_python
-    from rewards.expert_env import default_dest
-
-    build_env("unipercept", log=print)
-    return env_python(default_dest("unipercept"))
-
-
-@pytest.fixture(scope="module")
 def expert(unipercept_python):
     from rewards.registry import build_expert
 

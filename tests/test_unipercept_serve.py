@@ -15,16 +15,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def unipercept_python():
-    """The overlay environment's interpreter (built by the project command when missing or stale)."""
-    from launch.build_reward_env import build_env, env_python
-    from rewards.expert_env import default_dest
-
-    build_env("unipercept", log=print)
-    return env_python(default_dest("unipercept"))
-
-
-@pytest.fixture(scope="module")
 def direct(unipercept_python):
     """The same tiny expert, run directly in the overlay interpreter (over a pipe, no Ray)."""
     from rewards.registry import build_expert
