@@ -106,13 +106,17 @@ class RayExporter:
         return self._tags
 
     def export(self, metrics: dict, images: float = 0.0) -> None:
-        """Set one gauge per numeric key (NaN included) and bump the counters (raises if Ray is not usable)."""
+        """Set one gauge per numeric key and bump the counters (raises if Ray is not usable). A NaN (nothing
+        computed this step) leaves a gauge that already holds a number at that number: Ray's exporter drops NaN
+        samples, so overwriting would make the series vanish from the scrape."""
         from ray.util.metrics import Counter, Gauge
 
         with self._lock:
             for key, value in metrics.items():
                 if not _number(value):
                     continue
+                if math.isnan(value) and not math.isnan(self._last.get(key, math.nan)):
+                    continue   # nothing computed this step (e.g. FER on a non-human step): keep the last value
                 gauge = self._gauges.get(key)
                 if gauge is None:
                     doc = self.describe(key).encode("ascii", "replace").decode()  # Ray wants ASCII descriptions

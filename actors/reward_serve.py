@@ -68,6 +68,9 @@ class ExpertServeConfig:
     """CPUs reserved per replica (fractions allowed)."""
     num_gpus: float = 0.25
     """GPUs reserved per replica (fractions share a GPU; 0 = CPU). With GPUs the expert runs on "cuda"."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each replica requires, e.g. {reward_node: 0.01} to keep the experts on the nodes started
+    with ``ray start --resources '{"reward_node": 1}'`` (empty = any node)."""
     max_batch_size: int = 16
     """``@serve.batch``: most requests merged into one expert call."""
     batch_wait_timeout_s: float = 0.01
@@ -330,6 +333,8 @@ def build_application(cfg: ServeConfig, expert: str, source: dict | None):
 
     ecfg = cfg.expert(expert)
     actor_options: dict[str, Any] = {"num_cpus": ecfg.num_cpus, "num_gpus": ecfg.num_gpus}
+    if ecfg.resources:
+        actor_options["resources"] = dict(ecfg.resources)
     runtime_env = ecfg.actor_runtime_env(expert)   # checks a separate interpreter before anything is deployed
     if runtime_env:
         actor_options["runtime_env"] = runtime_env

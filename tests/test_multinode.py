@@ -29,7 +29,10 @@ SCRIPT = textwrap.dedent("""
     from tests.conftest import TINY_TRAINER_OVERRIDES
 
     out, data_root = sys.argv[1], sys.argv[2]
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, node_ip_address="127.0.0.1"))
+    # the reward pool stays on the head (serve.<expert>.resources, no CPU: the placement groups fill both nodes):
+    # this test is about the learner and rollout nodes
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, node_ip_address="127.0.0.1",
+                                                                resources={"reward_node": 10}))
     worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
@@ -37,7 +40,9 @@ SCRIPT = textwrap.dedent("""
     cfg = load_config("tiny_cpu", [f"data.root={data_root}", f"run.output_root={out}", *TINY_TRAINER_OVERRIDES,
                                    "run.steps=4", "run.checkpoint_every=1", "run.image_grid_every=0",
                                    "placement.strategy=STRICT_PACK", f"serve.http_port={port}",
-                                   f"ray.address={cluster.address}", "sync.timeout_s=30"])
+                                   f"ray.address={cluster.address}", "sync.timeout_s=30",
+                                   *[f"serve.{e}.{k}" for e in ("tier", "ber", "der", "fer")
+                                     for k in ("resources={reward_node: 0.01}", "num_cpus=0")]])
     from launch.train import connect_ray
     connect_ray(cfg)
     import ray
