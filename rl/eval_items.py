@@ -23,7 +23,7 @@ from rl.data_files import read_json
 log = logging.getLogger(__name__)
 
 __all__ = ["MMUItem", "PHOTO_PROMPT", "read_prompts_to_eval", "resolve_prompts_to_eval", "pure_gen_prompts",
-           "rec_items", "understanding_items", "test_reasoning", "system_question"]
+           "rec_items", "understanding_items", "test_reasoning", "system_question", "cap"]
 
 PHOTO_PROMPT = "A photo of <c>."
 """The released face evaluation's prompt (eval/face_eval_v2.py), with "<c>" the concept token."""
@@ -108,7 +108,8 @@ def rec_items(dataset: ConceptDataset, concept: str) -> list[tuple[Any, bool]]:
     return pos + neg
 
 
-def _cap(items: list, *caps: int | None) -> list:
+def cap(items: list, *caps: int | None) -> list:
+    """``items`` cut to the smallest of the given caps (None = no cap)."""
     caps = [c for c in caps if c is not None]
     return items[:min(caps)] if caps else items
 
@@ -139,9 +140,9 @@ def understanding_items(dataset: ConceptDataset, concept: str, ecfg: Any, limit:
         rest = {"vqa": [MMUItem("vqa", by_name[qa.image], qa.query, qa.answer) for qa in test.vqa],
                 "qa": [MMUItem("qa", dataset.black_image, qa.query, qa.answer) for qa in test.text_only],
                 "choice": []}
-    return (_cap(pos, ecfg.max_rec_positive, limit) + _cap(neg, ecfg.max_rec_negative, limit)
-            + _cap(rest["vqa"], ecfg.max_vqa, limit) + _cap(rest["qa"], ecfg.max_qa, limit)
-            + _cap(rest["choice"], ecfg.max_qa, limit))
+    return (cap(pos, ecfg.max_rec_positive, limit) + cap(neg, ecfg.max_rec_negative, limit)
+            + cap(rest["vqa"], ecfg.max_vqa, limit) + cap(rest["qa"], ecfg.max_qa, limit)
+            + cap(rest["choice"], ecfg.max_qa, limit))
 
 
 def test_reasoning(dataset: ConceptDataset, concept: str) -> list[ReasoningPrompt]:

@@ -40,7 +40,7 @@ from backbone.prompts import build_mmu_inputs, build_t2i_inputs
 from configs.loader import to_dict
 from rl import metrics_eval as M
 from rl.data import ConceptDataset, DatasetError, load_image
-from rl.eval_items import (PHOTO_PROMPT, pure_gen_prompts, rec_items, resolve_prompts_to_eval, system_question,
+from rl.eval_items import (PHOTO_PROMPT, cap, pure_gen_prompts, rec_items, resolve_prompts_to_eval, system_question,
                            test_reasoning, understanding_items)
 from rl.judge import Judge, build_judge, check_judge_score
 from rl.perceptual import build_perceptual_scorer, perceptual_metrics
@@ -162,11 +162,6 @@ def build_eval_scorers(cfg, dataset: ConceptDataset, device: str | torch.device 
     return out
 
 
-def _cap(items: list, *caps: int | None) -> list:
-    caps = [c for c in caps if c is not None]
-    return items[:min(caps)] if caps else items
-
-
 # ------------------------------------------------------------------------------------------------ model calls
 def _answers(policy, questions: list[tuple[np.ndarray, str]], ecfg: EvalConfig) -> list[str]:
     """Greedy answers to (image, question) pairs, batched."""
@@ -221,7 +216,7 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
     style = getattr(getattr(cfg, "data", None), "prompt_style", "released")
     reader = getattr(getattr(cfg, "data", None), "reader", None)
     mmu = understanding_items(dataset, name, ecfg, limit)
-    rea_prompts = _cap(test_reasoning(dataset, name), ecfg.max_rea, limit)
+    rea_prompts = cap(test_reasoning(dataset, name), ecfg.max_rea, limit)
     tasks = [UnderstandingTask(kind="text", concept=name, category=info.category, class_word=info.class_word,
                                image=black, image_name=dataset.black_image.name, question=rp.prompt,
                                reference=info.extra_info[rp.answer_index], gen_prompt=rp.prompt,
@@ -248,7 +243,7 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
     # ---- generation jobs: (kind, prompt index, Show-o text, CLIP-T / judge text)
     budget = text_budget(cfg.rollout.max_text_len)
     jobs = [("pure", i, expand_concept(p, tokens), reward_prompt(p, tokens, info.class_word))
-            for i, p in enumerate(_cap(pure_gen_prompts(info, dreambench), ecfg.max_gen_prompts, limit))]
+            for i, p in enumerate(cap(pure_gen_prompts(info, dreambench), ecfg.max_gen_prompts, limit))]
     if info.category == "human" and scorers.fer is not None:   # the released face eval's prompt
         photo = PHOTO_PROMPT.replace("<c>", info.token)
         jobs.append(("photo", 0, expand_concept(photo, tokens), reward_prompt(photo, tokens, info.class_word)))
@@ -259,7 +254,7 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
     if scorers.judge is not None:
         jobs += [("dense", i, expand_concept(p, tokens) if info.token in p else p,
                   reward_prompt(p, tokens, info.class_word))
-                 for i, p in enumerate(_cap(dense, ecfg.max_gen_prompts, limit))]
+                 for i, p in enumerate(cap(dense, ecfg.max_gen_prompts, limit))]
     flat = [(job, j) for job in jobs for j in range(ecfg.images_per_prompt)]
     seeds = [sample_seed(ecfg.seed, 0, job[1], j, 0, f"eval/{name}/{job[0]}") for job, j in flat]
     codes, images = generate_images(policy, [job[2] for job, _ in flat], seeds, cfg.sampler,
@@ -318,11 +313,13 @@ def _judge(judge, tasks, answers, gen, images, metrics, notes, has_dense: bool, 
     metrics["dense_rea"] = M.mean_or_none(scores)
     kind = "dense" if has_dense else "rea"
     per_image = []
-    for i, g in enumerate(gen):
-        if g["kind"] == kind and hasattr(judge, "image_score"):   # the released 4o judge: whole image vs prompt
-            from rl.judge_openai import concept_info_text
+    block = None
+    if hasattr(judge, "image_score"):   # the released 4o judge: whole image vs prompt and the concept's profile
+        from rl.judge_openai import concept_info_text
 
-            block = concept_info_text(info.name, info.info, info.extra_info)
+        block = concept_info_text(info.name, info.info, info.extra_info)
+    for i, g in enumerate(gen):
+        if g["kind"] == kind and block is not None:
             g["judge"] = check_judge_score(judge.image_score(images[i], g["clip_text"], block), judge.name,
                                            "image_score")
             per_image.append(g["judge"])
