@@ -3,6 +3,9 @@
 One step: plan the step's prompts (design D7) → rollout actors produce groups (answer IR, compound prompt,
 MaskGIT with DSOG, rewards from the Serve deployments) → advantages per group → DSOG threshold update →
 learner group update (DeepSpeed) → weight sync to the rollout actors → metrics, pictures, checkpoint.
+
+With ``run.overlap: one_step`` the update of step k and the rollout of step k+1 run at the same time (the rollout
+with the weights from before update k); the sync follows when both are done. See :meth:`Trainer.train_step`.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from actors.checkpoint import (RNG_FILE, CheckpointError, CheckpointManager, con
                                resolve_resume, rng_state, set_rng_state)
 from actors.dispatch import GroupDispatcher
 from actors.metrics import MetricsLogger
-from actors.recovery import learner_failed, rebuild_learners, replace_rollout, sync_rollouts
+from actors.pending_rollout import PendingRollout, load_pending, save_pending
+from actors.recovery import (learner_failed, rebuild_learners, replace_rollout, replace_rollout_from_peer,
+                             sync_rollouts)
 from actors.rollout_engine import GroupRequest
 from actors.step_metrics import step_metrics
 from configs.schema import TrainConfig, config_to_dict
@@ -69,6 +74,11 @@ class Trainer:
         self.rollout_restarts: dict[int, int] = {}
         """Times each rollout actor slot was replaced after its actor died (bounded by rollout.max_restarts)."""
         self._last_samples: list = []
+        self.pending: PendingRollout | None = None
+        """``run.overlap: one_step``: the finished rollout of the next step (made during the last update)."""
+        self.overlapping = False
+        """True while a rollout runs beside a learner update (a replacement rollout actor then copies a peer's
+        weights: the learner's are already being updated)."""
         self.phase_hook = None
         """Optional ``hook(phase, step)`` called as each phase starts: "rollout", "learn", "sync", "checkpoint"
         (after the checkpoint's temporary folder exists). The seam the kill-matrix tests inject faults through."""
@@ -131,8 +141,11 @@ class Trainer:
         log.info("set-up done in %.1fs", time.perf_counter() - t0)
 
     def _replace_worker(self, slot: int):
-        """A fresh rollout actor for a dead one, holding learner rank 0's current weights (actors/recovery.py);
-        the learner group is not touched and the next sync re-forms the broadcast group."""
+        """A fresh rollout actor for a dead one, holding learner rank 0's current weights (actors/recovery.py), or,
+        during an overlapped rollout, a surviving rollout actor's (the weights the rollout runs with); the learner
+        group is not touched and the next sync re-forms the broadcast group."""
+        if self.overlapping:
+            return replace_rollout_from_peer(self, slot)
         return replace_rollout(self, slot)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
@@ -165,6 +178,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path}: loading the learner state from {path / 'learner'} failed "
                                   f"({type(exc).__name__}: {str(exc).strip()[:300]})") from exc
         self.dsog.load_state_dict(state["dsog"])
+        self.pending = load_pending(path, int(state["next_step"]))
         self.dispatcher.redispatched = int(state.get("counters", {}).get("redispatched_groups", 0))
         if (path / RNG_FILE).exists():
             set_rng_state(json.loads((path / RNG_FILE).read_text()))
@@ -178,6 +192,8 @@ class Trainer:
         self._phase("checkpoint", next_step - 1)
         self.learners.save_checkpoint(str(tmp / "learner"))
         (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
+        if self.pending is not None and self.pending.step == next_step:
+            save_pending(tmp, self.pending)   # the next step's finished rollout (run.overlap): resume stays exact
         state = {"next_step": next_step, "seed": self.cfg.run.seed, "dsog": self.dsog.state_dict(),
                  "data": {"concepts": list(getattr(self, "concepts", [])),
                           "prompts_per_step": self.cfg.run.prompts_per_step},
@@ -196,13 +212,53 @@ class Trainer:
                 for p in range(n)]
 
     def train_step(self, step: int) -> dict:
-        """One GRPO step; returns its metrics (see actors/step_metrics.py)."""
+        """One GRPO step; returns its metrics (see actors/step_metrics.py).
+
+        ``run.overlap: none``: rollout → update → sync. ``one_step``: the step's rollout is normally already done
+        (``self.pending``, made during the previous update); the update is submitted, the next step's rollout runs
+        on the rollout actors meanwhile, then the sync. The first step of a run (or of a resume from a checkpoint
+        without a stored rollout) rolls out first, as an on-policy step (``learn/policy_lag`` 0)."""
+        overlap = self.cfg.run.overlap == "one_step"
         t0 = time.perf_counter()
-        requests = self.plan(step)
-        threshold_used = requests[0].threshold if requests else None
-        self._phase("rollout", step)
-        results = self.dispatcher.run(requests)
-        t_rollout = time.perf_counter() - t0
+        pending, self.pending = self.pending, None
+        lag, t_rollout = 1, 0.0
+        if not overlap or pending is None or pending.step != step:
+            self._phase("rollout", step)
+            results = self.dispatcher.run(self.plan(step))
+            lag, t_rollout = 0, time.perf_counter() - t0
+        else:
+            results = pending.results
+        samples = self._consume(results)
+        t1 = time.perf_counter()
+        self._phase("learn", step)
+        update = self.learners.submit_update(samples)
+        if overlap and step + 1 < self.cfg.run.steps:
+            self._phase("rollout", step + 1)
+            t = time.perf_counter()
+            self.overlapping = True
+            try:   # D7: the same requests and samples as when run after the sync, only older weights
+                self.pending = PendingRollout(step + 1, self.dispatcher.run(self.plan(step + 1)))
+            finally:
+                self.overlapping = False
+            t_rollout += time.perf_counter() - t
+        learn = dict(self.learners.collect_update(update), policy_lag=float(lag))
+        t2 = time.perf_counter()
+        self._phase("sync", step)
+        sync_s = sync_rollouts(self)   # a rollout actor dead since the dispatch is replaced here
+        t3 = time.perf_counter()
+        times = {"rollout": t_rollout, "learn": t2 - t1, "sync": t3 - t2, "step": t3 - t0}
+        metrics = step_metrics(step, results, samples, learn, self.dsog, times, self.dispatcher,
+                               threshold_used=results[0].request.threshold if results else None,
+                               experts=self.cfg.serve.enabled)
+        metrics["sync/seconds"] = float(sync_s)
+        watch = getattr(self, "replica_watch", None)   # replicas that died, even where Serve re-routed the request
+        if watch is not None:
+            metrics["faults/reward_failures"] += float(sum(watch.poll().values()))
+        return metrics
+
+    def _consume(self, results: list) -> list:
+        """The step's samples in id order with their group advantages; the DSOG controller observes the step's
+        screen scores (initialised by the first step's calibration)."""
         for res in results:
             if res.init_threshold is not None and not self.dsog.initialized:
                 self.dsog.initialize(res.init_threshold)
@@ -219,21 +275,7 @@ class Trainer:
         accepted = [x for res in results for x in res.attempt_accepted]
         if self.cfg.dsog.enabled and scores:
             self.dsog.observe_batch(scores, accepted, forced=sum(r.forced_keeps for r in results))
-        t1 = time.perf_counter()
-        self._phase("learn", step)
-        learn = self.learners.train_step(samples)
-        t2 = time.perf_counter()
-        self._phase("sync", step)
-        sync_s = sync_rollouts(self)   # a rollout actor dead since the dispatch is replaced here
-        t3 = time.perf_counter()
-        times = {"rollout": t_rollout, "learn": t2 - t1, "sync": t3 - t2, "step": t3 - t0}
-        metrics = step_metrics(step, results, samples, learn, self.dsog, times, self.dispatcher,
-                               threshold_used=threshold_used, experts=self.cfg.serve.enabled)
-        metrics["sync/seconds"] = float(sync_s)
-        watch = getattr(self, "replica_watch", None)   # replicas that died, even where Serve re-routed the request
-        if watch is not None:
-            metrics["faults/reward_failures"] += float(sum(watch.poll().values()))
-        return metrics
+        return samples
 
     def _phase(self, phase: str, step: int) -> None:
         if self.phase_hook is not None:

@@ -295,6 +295,18 @@ class LearnerWorker:
 _RemoteWorker = ray.remote(LearnerWorker)
 
 
+@dataclass
+class PendingUpdate:
+    """An update running on the learner ranks (:meth:`LearnerGroup.submit_update`)."""
+
+    refs: list
+    """One ``train_step`` result per rank."""
+    units_per_rank: int
+    """Replay units each rank runs (a metric)."""
+    started: float
+    """``time.perf_counter()`` at submission."""
+
+
 class LearnerGroup:
     """Driver-side handle of the learner ranks: train_step, checkpoints, weight sync to rollout actors."""
 
@@ -340,7 +352,13 @@ class LearnerGroup:
     def train_step(self, samples: Sequence[Any]) -> dict[str, float]:
         """One GRPO update on ``samples`` (advantages filled; consumed in id order, D7). Returns metrics:
         loss, kl, clip_frac, grad_norm, logp_mismatch_image/answer, units, time_s."""
-        from actors.learner_step import schedule_units, summarize
+        return self.collect_update(self.submit_update(samples))
+
+    def submit_update(self, samples: Sequence[Any]) -> "PendingUpdate":
+        """Start :meth:`train_step`'s update on every rank and return at once (``run.overlap``: the driver dispatches
+        the next rollout meanwhile); :meth:`collect_update` waits for it. Bad samples are refused here, before any
+        rank starts."""
+        from actors.learner_step import schedule_units
         from rl.batch import sort_samples, validate_batch
 
         if not samples:
@@ -349,12 +367,19 @@ class LearnerGroup:
         samples = sort_samples(validate_batch(samples))  # clear errors here, not inside a collective; D7 order
         plan = schedule_units(samples, self.num_ranks, self.alpha_und)
         ref = ray.put(list(samples))
-        outs = self._get([w.train_step.remote(ref, plan[r]) for r, w in enumerate(self.workers)], "train_step")
+        return PendingUpdate([w.train_step.remote(ref, plan[r]) for r, w in enumerate(self.workers)],
+                             units_per_rank=len(plan[0]), started=t0)
+
+    def collect_update(self, pending: "PendingUpdate") -> dict[str, float]:
+        """Wait for a submitted update (bounded like every learner call) and return its metrics."""
+        from actors.learner_step import summarize
+
+        outs = self._get(pending.refs, "train_step")
         sums = {k: sum(o[k] for o in outs) for k in outs[0] if k not in ("grad_norm", "replay_s", "step_s")}
         metrics = summarize(sums)
-        metrics.update(grad_norm=outs[0]["grad_norm"], units_per_rank=float(len(plan[0])),
+        metrics.update(grad_norm=outs[0]["grad_norm"], units_per_rank=float(pending.units_per_rank),
                        replay_s=max(o["replay_s"] for o in outs), optim_s=max(o["step_s"] for o in outs),
-                       time_s=time.perf_counter() - t0)
+                       time_s=time.perf_counter() - pending.started)
         self._version += 1
         return metrics
 

@@ -12,8 +12,10 @@
 - :func:`run_units` multiplies each unit loss by ``weight × world_size``: DeepSpeed *averages* over ranks, so
   mean_r(Σ_{u∈r} W·∇ℓ_u) = Σ_u ∇ℓ_u, the single-process gradient of the step loss (tests/test_learner.py).
 
-Old log-probs = the learner's own detached log-probs (D4, μ = 1); the rollout's recorded log-probs only feed the
-rollout–learner mismatch metric.
+Old log-probs (:func:`old_logp_source`): on-policy runs use the learner's own detached log-probs (D4, μ = 1) and the
+rollout's recorded log-probs only feed the rollout–learner mismatch metric; with ``run.overlap: one_step`` the
+samples come from the weights one update back, so the ratio's old log-probs are the rollout's recorded (behaviour)
+log-probs and the mismatch metric shows the policy lag.
 """
 from __future__ import annotations
 
@@ -25,11 +27,28 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ReplayUnit", "build_units", "schedule_units", "UnitStats", "run_units", "ReplayBackend", "UnitForward",
+__all__ = ["old_logp_source", "ReplayUnit", "build_units", "schedule_units", "UnitStats", "run_units", "ReplayBackend", "UnitForward",
            "ShowoBackend", "make_showo_backend", "concept_specs", "ToyBackend"]
 
 _STAT_KEYS = ("loss", "tokens", "kl_sum", "clip_sum", "image_absdiff", "image_tokens", "answer_absdiff",
               "answer_tokens", "units")
+
+
+OLD_LOGP_SOURCES = ("learner", "rollout")
+
+
+def old_logp_source(cfg: Any) -> str:
+    """Where the PPO ratio's old log-probs come from: "learner" (D4: its own detached log-probs, on-policy runs) or
+    "rollout" (the behaviour policy's recorded log-probs, when ``run.overlap`` makes the samples one update old)."""
+    overlap = getattr(getattr(cfg, "run", None), "overlap", "none")
+    return "learner" if overlap == "none" else "rollout"
+
+
+def _old(source: str, rollout: torch.Tensor) -> torch.Tensor | None:
+    """The old log-probs argument of rl.objective: None (= the learner's detached log-probs) or the rollout's."""
+    if source not in OLD_LOGP_SOURCES:
+        raise ValueError(f"old log-prob source must be one of {OLD_LOGP_SOURCES}, got {source!r}")
+    return rollout if source == "rollout" else None
 
 
 @dataclass(frozen=True)
@@ -197,8 +216,11 @@ class ShowoBackend:
     """
 
     def __init__(self, policy: Any, objective: Any, guidance_scale: float, answer_temperature: float = 1.0,
-                 answer_top_k: int | None = None, trainable: str = "all"):
-        """``policy``: backbone Policy; ``objective``: ObjectiveConfig; the answer sampling params define D3."""
+                 answer_top_k: int | None = None, trainable: str = "all", old_logp: str = "learner"):
+        """``policy``: backbone Policy; ``objective``: ObjectiveConfig; the answer sampling params define D3;
+        ``old_logp``: "learner" or "rollout" (:func:`old_logp_source`)."""
+        _old(old_logp, None)
+        self.old_logp = old_logp
         self.policy = policy
         self.module = policy.model
         self.tok = policy.tok
@@ -292,10 +314,11 @@ class ShowoBackend:
             if cfg.image_positions == "newly_unmasked":
                 states = _t(s.states)
                 mask = newly_unmasked_positions(states, self.tok.mask_id)[unit.step][None].to(dev)
-            loss, st = image_step_loss(logp, None, ref, [float(s.advantage)], T, N, num_samples, cfg, mask)
+            rollout = _t(s.image_logps[unit.step]).to(dev)[None]
+            loss, st = image_step_loss(logp, _old(self.old_logp, rollout), ref, [float(s.advantage)], T, N,
+                                       num_samples, cfg, mask)
             out = _objective_stats(loss, st)
             w = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
-            rollout = _t(s.image_logps[unit.step]).to(dev)[None]
             out["image_absdiff"] = float(((logp.detach() - rollout).abs() * w).sum())
             out["image_tokens"] = float(w.sum())
             return loss, out
@@ -311,9 +334,10 @@ class ShowoBackend:
                 with torch.no_grad():
                     ref = answer_logprobs(self.reference, self.tok, mmu, ans, **kw)
             mask = answer_mask(ans, self.tok.eot_id)
-            loss, st = answer_loss(logp, None, ref, mask, [float(s.advantage)], num_samples, cfg)
-            out = _objective_stats(loss, st)
             rollout = _t(s.answer_logps).to(dev)[None]
+            loss, st = answer_loss(logp, _old(self.old_logp, rollout), ref, mask, [float(s.advantage)], num_samples,
+                                   cfg)
+            out = _objective_stats(loss, st)
             w = mask.to(logp.dtype)
             out["answer_absdiff"] = float(((logp.detach() - rollout).abs() * w).sum())
             out["answer_tokens"] = float(w.sum())
@@ -349,13 +373,13 @@ class ShowoBackend:
             if cfg.image_positions == "newly_unmasked":
                 mask = newly_unmasked_positions(_t(s.states), self.tok.mask_id)[u.step][None].to(dev)
             row = logp[j:j + 1]
-            loss, st = image_step_loss(row, None, None if ref is None else ref[j:j + 1], [float(s.advantage)], T, N,
-                                       num_samples, cfg, mask)
+            rollout = _t(s.image_logps[u.step]).to(dev)[None]
+            loss, st = image_step_loss(row, _old(self.old_logp, rollout), None if ref is None else ref[j:j + 1],
+                                       [float(s.advantage)], T, N, num_samples, cfg, mask)
             total = loss * float(u.weight) if total is None else total + loss * float(u.weight)
             if u.weight > 0:
                 out = _objective_stats(loss, st)
                 w = torch.ones_like(row) if mask is None else mask.to(row.dtype)
-                rollout = _t(s.image_logps[u.step]).to(dev)[None]
                 out["image_absdiff"] = float(((row.detach() - rollout).abs() * w).sum())
                 out["image_tokens"] = float(w.sum())
                 stats.append(out)
@@ -382,7 +406,7 @@ def make_showo_backend(cfg: Any, device: torch.device, concepts: list | None = N
     policy = build_policy(cfg.model, concepts, device=device)
     return ShowoBackend(policy, cfg.objective, cfg.sampler.guidance_scale,
                         answer_temperature=cfg.rollout.answer_temperature, answer_top_k=cfg.rollout.answer_top_k,
-                        trainable=cfg.learner.trainable)
+                        trainable=cfg.learner.trainable, old_logp=old_logp_source(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,8 +418,11 @@ class ToyBackend:
     """Tiny policy over RolloutSamples: image logits = img(embed(state ids)), answer logits = txt(embed(prev))."""
 
     def __init__(self, objective: Any, vocab: int = 32, codebook: int = 16, hidden: int = 8, seed: int = 0,
-                 row_ids: list[int] | None = None):
-        """Same ``seed`` → same weights in every process. ``row_ids`` → concept_rows-style sync of embed rows."""
+                 row_ids: list[int] | None = None, old_logp: str = "learner"):
+        """Same ``seed`` → same weights in every process. ``row_ids`` → concept_rows-style sync of embed rows;
+        ``old_logp``: "learner" or "rollout" (:func:`old_logp_source`)."""
+        _old(old_logp, None)
+        self.old_logp = old_logp
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         self.module = nn.ModuleDict({"embed": nn.Embedding(vocab, hidden), "img": nn.Linear(hidden, codebook),
@@ -409,7 +436,7 @@ class ToyBackend:
     @classmethod
     def factory(cls, cfg: Any, device: torch.device, **kw) -> "ToyBackend":
         """backend_factory signature: ``functools.partial(ToyBackend.factory, seed=...)``."""
-        return cls(cfg.objective, **kw)
+        return cls(cfg.objective, **{"old_logp": old_logp_source(cfg), **kw})
 
     @staticmethod
     def image_logp(m: nn.Module, states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -434,9 +461,11 @@ class ToyBackend:
             logp = self.image_logp(module, st_, ch)[None]
             with torch.no_grad():
                 ref = self.image_logp(self.reference, st_, ch)[None]
-            loss, st = image_step_loss(logp, None, ref, [float(s.advantage)], T, N, num_samples, self.objective)
+            rollout = _t(s.image_logps[unit.step])[None]
+            loss, st = image_step_loss(logp, _old(self.old_logp, rollout), ref, [float(s.advantage)], T, N,
+                                       num_samples, self.objective)
             out = _objective_stats(loss, st)
-            out["image_absdiff"] = float((logp.detach() - _t(s.image_logps[unit.step])).abs().sum())
+            out["image_absdiff"] = float((logp.detach() - rollout).abs().sum())
             out["image_tokens"] = float(N)
             return loss, out
         prompt, ans = torch.tensor(s.mmu_input_ids), torch.tensor(s.answer_ids)
@@ -444,8 +473,10 @@ class ToyBackend:
         with torch.no_grad():
             ref = self.answer_logp(self.reference, prompt, ans)[None]
         mask = torch.ones_like(logp, dtype=torch.bool)
-        loss, st = answer_loss(logp, None, ref, mask, [float(s.advantage)], num_samples, self.objective)
+        rollout = _t(s.answer_logps)[None]
+        loss, st = answer_loss(logp, _old(self.old_logp, rollout), ref, mask, [float(s.advantage)], num_samples,
+                               self.objective)
         out = _objective_stats(loss, st)
-        out["answer_absdiff"] = float((logp.detach() - _t(s.answer_logps)).abs().sum())
+        out["answer_absdiff"] = float((logp.detach() - rollout).abs().sum())
         out["answer_tokens"] = float(ans.shape[0])
         return loss, out

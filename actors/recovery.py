@@ -6,7 +6,10 @@
   update or the weight sync) is replaced by a fresh actor that loads learner rank 0's current weights through the
   object store; the next sync re-forms the broadcast group with it. The learner group is not touched. Each actor
   slot may be replaced ``rollout.max_restarts`` times per run (Ray itself never restarts rollout actors: a restarted
-  actor would hold the initial weights and occupy the slot's placement bundle).
+  actor would hold the initial weights and occupy the slot's placement bundle). During an overlapped rollout
+  (``run.overlap: one_step``) the learner is already updating, so the replacement copies a surviving rollout
+  actor's weights instead (the weights the rollout runs with); with no survivor those weights are gone and the run
+  rolls back to its last checkpoint like a learner failure (:class:`RolloutWeightsLost`), which keeps it exact.
 * **Learner ranks** share collectives, so one dead rank leaves the others blocked until their (short) collective
   timeout. The controller never patches a single rank: it tears the whole group down, builds a new one, loads the
   newest complete checkpoint (or the seeded initial weights when there is none), re-syncs the rollout actors and
@@ -23,6 +26,7 @@ from ray.exceptions import (GetTimeoutError, NodeDiedError, OutOfMemoryError, Ra
 
 from actors.checkpoint import read_checkpoint
 from actors.learner import LearnerTimeout
+from actors.pending_rollout import load_pending
 from actors.weight_sync import WeightSyncError
 
 log = logging.getLogger(__name__)
@@ -32,8 +36,16 @@ ACTOR_DEATH_ERRORS = (RayActorError, OutOfMemoryError, WorkerCrashedError, NodeD
 ActorDiedError, ActorUnavailableError), OutOfMemoryError (Ray's memory monitor), WorkerCrashedError, NodeDiedError,
 GetTimeoutError."""
 
-LEARNER_FAILURES = ACTOR_DEATH_ERRORS + (LearnerTimeout, WeightSyncError)
-"""Exceptions that mean the learner group (or its sync group) is broken and must be rebuilt."""
+
+
+class RolloutWeightsLost(RuntimeError):
+    """Every rollout actor holding the weights of an overlapped rollout died: the step cannot be reproduced from the
+    learner (already updated), so the run goes back to its last checkpoint."""
+
+
+LEARNER_FAILURES = ACTOR_DEATH_ERRORS + (LearnerTimeout, WeightSyncError, RolloutWeightsLost)
+"""Exceptions that mean the learner group (or its sync group) is broken, or the run must go back to its last
+checkpoint: the group is rebuilt from there."""
 
 
 class LearnerRecoveryFailed(RuntimeError):
@@ -138,6 +150,25 @@ def replace_rollout(trainer, slot: int, load_weights: bool = True):
     return worker
 
 
+def replace_rollout_from_peer(trainer, slot: int):
+    """A fresh rollout actor in ``slot`` holding the weights of a surviving rollout actor (an overlapped rollout:
+    learner rank 0 is mid-update and no longer has the weights the rollout runs with). Raises
+    :class:`RolloutWeightsLost` when no other rollout actor is alive."""
+    peers = [i for i, w in enumerate(trainer.workers) if i != slot and actor_state(w) == "ALIVE"]
+    worker = replace_rollout(trainer, slot, load_weights=False)
+    for i in peers:
+        try:   # queued behind the peer's current shard; its weights do not change before the sync
+            state = ray.get(trainer.workers[i].state_dict.remote(), timeout=trainer.cfg.sync.timeout_s + 600.0)
+        except ACTOR_DEATH_ERRORS as exc:
+            log.warning("rollout actor %d cannot lend its weights (%s)", i, type(exc).__name__)
+            continue
+        ray.get(worker.load_weights.remote(ray.put(state)), timeout=trainer.cfg.sync.timeout_s + 60.0)
+        log.warning("rollout actor %d took rollout actor %d's weights (overlapped rollout)", slot, i)
+        return worker
+    raise RolloutWeightsLost(f"rollout actor {slot} died during an overlapped rollout and no other rollout actor "
+                             f"holds the weights it ran with; going back to the last checkpoint")
+
+
 def sync_rollouts(trainer, attempts: int = 3) -> float:
     """Broadcast the learner's weights to the rollout actors; a rollout actor that died (before or during the
     sync) is replaced and the sync repeated, without touching the learner. A failure with every rollout actor
@@ -194,17 +225,19 @@ def _rebuild_once(trainer, error: BaseException, limit: int) -> int:
         log.warning("learner shutdown after failure: %s", exc)
     trainer.learners = LearnerGroup(trainer.cfg, trainer.placement)
     dsog = type(trainer.dsog)(trainer.cfg.dsog)
-    next_step = 0
+    next_step, pending = 0, None
     if latest is not None:
         state, _ = read_checkpoint(latest)
         trainer.learners.load_checkpoint(str(latest / "learner"))
         dsog.load_state_dict(state["dsog"])
         next_step = int(state["next_step"])
+        pending = load_pending(latest, next_step)
     for slot in dead_actors(trainer.workers, settle_s=0.0):   # rollout actors lost in the same failure
         replace_rollout(trainer, slot, load_weights=False)     # the sync below gives them the weights
     sync_rollouts(trainer)
     # recovery succeeded: only now is run state changed
     trainer.dsog = dsog
+    trainer.pending = pending
     trainer.metrics.start_at(next_step)
     trainer.history = [m for m in trainer.history if m["step"] < next_step]
     log.warning("learner group rebuilt; continuing from step %d", next_step)

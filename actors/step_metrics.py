@@ -21,8 +21,11 @@ METRIC_DOCS: dict[str, str] = {
     "learn/kl": "Mean k3 KL to the frozen reference per token.",
     "learn/clip_frac": "Share of tokens whose ratio was clipped (PPO epsilon).",
     "learn/grad_norm": "Global gradient norm before clipping.",
-    "learn/logp_mismatch_image": "Mean |learner - rollout| log-prob of the chosen image tokens (D4).",
-    "learn/logp_mismatch_answer": "Mean |learner - rollout| log-prob of the answer IR tokens (D4).",
+    "learn/logp_mismatch_image": "Mean |learner - rollout| log-prob of the chosen image tokens (D4; with "
+                                 "run.overlap: one_step it includes the drift of learn/policy_lag updates).",
+    "learn/logp_mismatch_answer": "Mean |learner - rollout| log-prob of the answer IR tokens (D4; see above).",
+    "learn/policy_lag": "Updates between the weights that made the step's samples and the learner's (0 on-policy; "
+                        "1 with run.overlap: one_step, 0 on its first step).",
     "learn/units_per_rank": "Replay units (forward + backward) per learner rank (D12).",
     "learn/time_s": "Wall seconds of the learner update as seen by the driver.",
     "dsog/pass_rate": "Share of screened attempts that passed the DSOG threshold this step.",
@@ -33,12 +36,14 @@ METRIC_DOCS: dict[str, str] = {
     "dsog/screen_reward_corr": "Pearson correlation of the kept samples' screen score and final reward.",
     "prompt/cut_fraction": "Share of compound prompts whose IR was cut to fit the 128-token text block (D9).",
     "prompt/answer_tokens": "Mean length of the sampled answer IR in tokens.",
-    "time/rollout": "Wall seconds of the rollout phase (answers, MaskGIT, screen, rewards; all groups).",
+    "time/rollout": "Wall seconds of the rollout phase (answers, MaskGIT, screen, rewards; all groups); with "
+                    "run.overlap: one_step, of the rollouts run in this step (the next step's, beside the update).",
     "time/answer": "Actor-seconds generating answers, summed over groups.",
     "time/image": "Actor-seconds of MaskGIT generation (screen excluded), summed over groups.",
     "time/screen": "Actor-seconds of DSOG screening calls, summed over groups.",
     "time/reward": "Actor-seconds of reward scoring calls, summed over groups.",
-    "time/learn": "Wall seconds of the learner update.",
+    "time/learn": "Wall seconds of the learner update (with run.overlap: one_step, from its start to its end, the "
+                  "overlapped rollout included).",
     "time/sync": "Wall seconds of the learner -> rollout weight sync.",
     "time/step": "Wall seconds of the whole step.",
     "sync/seconds": "Seconds learner rank 0 spent broadcasting weights.",

@@ -65,6 +65,14 @@ class RunConfig:
     max_learner_restarts: int = 3
     """A dead or hung learner rank tears the learner group down and rebuilds it from the last checkpoint; after this
     many rebuilds in one run the run stops with an error."""
+    overlap: Literal["none", "one_step"] = "none"
+    """"none": each step's rollout, update and weight sync run one after the other (on-policy; D4's old log-probs
+    = the learner's own). "one_step": the rollout of step k+1 runs on the rollout actors while the learner updates
+    on step k (one-step off-policy, as verl's one_step_off_policy and OpenRLHF's async mode): a step takes
+    max(rollout, update) + sync instead of their sum. Step k+1's samples then come from the weights before update
+    k, so the PPO ratio uses the rollout's recorded (behaviour) log-probs as old log-probs and
+    ``learn/policy_lag`` is 1. The DSOG threshold does not lag (step k+1's rollout starts after step k's scores
+    updated it). Checkpoints carry the finished next-step rollout, so resume stays exact."""
 
     def validate(self) -> None:
         """Reject impossible values."""
@@ -74,6 +82,8 @@ class RunConfig:
             raise ValueError("run.checkpoint_every and run.keep_last must be >= 1")
         check_trackers(self.trackers)
         self.tracker.validate()
+        if self.overlap not in ("none", "one_step"):
+            raise ValueError(f"run.overlap must be 'none' or 'one_step', got {self.overlap!r}")
 
 
 @dataclass

@@ -43,9 +43,9 @@ TINY_TRAINER_OVERRIDES = ["rollout.group_size=3", "sampler.timesteps=8", "dsog.s
 """Shrinks the tiny CPU config further for service tests (G 3, T 8)."""
 
 
-@pytest.fixture
-def make_trainer():
-    """Factory: a set-up :class:`actors.controller.Trainer` on the tiny config (caller calls ``shutdown``)."""
+def make_trainer_factory():
+    """``build(out_dir, root, overrides=(), resume=None)``: a set-up :class:`actors.controller.Trainer` on the tiny
+    config shrunk by :data:`TINY_TRAINER_OVERRIDES` (the caller calls ``shutdown``)."""
     from actors.controller import Trainer
     from configs.schema import load_config
 
@@ -57,6 +57,12 @@ def make_trainer():
         return trainer
 
     return build
+
+
+@pytest.fixture
+def make_trainer():
+    """Factory: a set-up :class:`actors.controller.Trainer` on the tiny config (caller calls ``shutdown``)."""
+    return make_trainer_factory()
 
 
 @pytest.fixture(scope="session")

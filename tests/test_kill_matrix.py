@@ -100,17 +100,9 @@ def reference(ray_cluster, tmp_path_factory, sample_root, make_trainer_module):
 
 @pytest.fixture(scope="module")
 def make_trainer_module():
-    from tests.conftest import TINY_TRAINER_OVERRIDES
-    from actors.controller import Trainer
-    from configs.schema import load_config
+    from tests.conftest import make_trainer_factory
 
-    def build(out_dir, root, overrides=()):
-        cfg = load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={out_dir}", *TINY_TRAINER_OVERRIDES,
-                                       *overrides])
-        trainer = Trainer(cfg)
-        trainer.setup()
-        return trainer
-    return build
+    return make_trainer_factory()
 
 
 def _same_metrics(a: dict, b: dict) -> list[str]:
