@@ -4,6 +4,10 @@
   thread, the reward experts on Ray Serve) on 1 and on 2 rollout actors, through ``actors.dispatch.GroupDispatcher``
   with shards of 1 and of 4 samples, and the pre-sharding baseline (the whole group in one request on one actor).
   The figure is the best 2-actor setting against the best 1-actor setting. Runs interleaved (1, 2, 1, 2, ...) so load drifts hit both alike; medians.
+- **overlap**: steps/s of the whole service (``actors.controller.Trainer.train_step``: rollout, DeepSpeed update,
+  weight sync; 2 learner ranks, 1 rollout actor, Ray Serve rewards) with ``run.overlap: one_step`` against
+  ``none``: one trainer runs blocks of steps in each mode in turn (so load drifts hit both alike); an overlapped
+  block's first step fills the pipeline and is not timed; medians of the other steps.
 - **units per forward**: the learner's replay (``actors.learner_step.run_units``: forward + backward of every
   MaskGIT step of the group, the frozen reference included) in process, tokens/s for ``learner.units_per_forward``
   = 1, 2, 4, 8, interleaved; the figure is the best setting against 1.
@@ -42,7 +46,7 @@ def bench_group_sharding(cfg, repeats: int, log=print) -> dict:
     import ray
 
     from actors.dispatch import GroupDispatcher
-    from actors.reward_serve import deploy_rewards
+    from actors.reward_serve import deploy_rewards, shutdown_rewards
     from actors.rollout_engine import GroupRequest
 
     deploy_rewards(cfg.serve, data_root=cfg.data.root)
@@ -71,6 +75,46 @@ def bench_group_sharding(cfg, repeats: int, log=print) -> dict:
     finally:
         for w in workers:   # our own actors, by handle
             ray.kill(w)
+        shutdown_rewards(cfg.serve)   # the overlap benchmark's trainer deploys its own
+
+
+OVERLAP_BLOCK = 3
+"""Steps per block of one mode in the overlap benchmark."""
+
+
+def bench_overlap(cfg, repeats: int, log=print) -> dict:
+    """Seconds per step (median) for run.overlap none and one_step, on one set-up trainer; needs a running Ray."""
+    import copy
+
+    from actors.controller import Trainer
+
+    tcfg = copy.deepcopy(cfg)
+    tcfg.run.steps, tcfg.run.image_grid_every, tcfg.run.name = 2 * OVERLAP_BLOCK * repeats, 0, "bench-overlap"
+    trainer = Trainer(tcfg)
+    times: dict[str, list[float]] = {"none": [], "one_step": []}
+    phases: dict[str, list[float]] = {"rollout": [], "learn": [], "sync": []}
+    try:
+        trainer.setup()
+        step = 0
+        for r in range(repeats):
+            for mode in ("none", "one_step"):
+                trainer.cfg.run.overlap = mode   # same trainer, same config otherwise: only the schedule differs
+                for i in range(OVERLAP_BLOCK):
+                    t0 = time.perf_counter()
+                    metrics = trainer.train_step(step)
+                    if mode == "none" or i > 0:   # an overlapped block's first step fills the pipeline
+                        times[mode].append(time.perf_counter() - t0)
+                    if mode == "none":
+                        for k in phases:
+                            phases[k].append(metrics[f"time/{k}"])
+                    step += 1
+            log(f"overlap round {r}: none {statistics.median(times['none']):.2f}s/step, one_step "
+                f"{statistics.median(times['one_step']):.2f}s/step")
+    finally:
+        trainer.shutdown()
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
+    return out
 
 
 def _group_samples(cfg):
@@ -114,7 +158,7 @@ def bench_units_per_forward(cfg, repeats: int, log=print) -> dict:
     return {k: tokens / statistics.median(v) for k, v in times.items()}
 
 
-def render(shard: dict, upf: dict, cfg) -> tuple[str, list[str]]:
+def render(shard: dict, upf: dict, overlap: dict, cfg) -> tuple[str, list[str]]:
     """(Markdown tables, ``NAME: VALUE`` lines). The sharding figure: the best 2-actor setting against the best
     1-actor setting (whole group or shards)."""
     one = min(v for k, v in shard.items() if k.startswith("1 actor"))
@@ -126,6 +170,18 @@ def render(shard: dict, upf: dict, cfg) -> tuple[str, list[str]]:
              "| setting | seconds | speed-up vs the whole group on 1 actor |", "|---|---|---|"]
     for name, sec in shard.items():
         lines.append(f"| {name} | {sec:.2f} | {shard[BEFORE] / sec:.2f}× |")
+    lines += ["", f"Overlap: whole GRPO steps (G = {cfg.rollout.group_size}, T = {cfg.sampler.timesteps}, "
+              f"{cfg.learner.num_ranks} DeepSpeed learner ranks, {cfg.rollout.num_workers} rollout actor(s), Ray "
+              f"Serve rewards), blocks of {OVERLAP_BLOCK} steps per mode in turn; medians.", "",
+              "| run.overlap | seconds per step | steps/s | speed-up vs none |", "|---|---|---|---|"]
+    for mode in ("none", "one_step"):
+        sec = overlap[mode]
+        lines.append(f"| {mode} | {sec:.2f} | {1 / sec:.3f} | {overlap['none'] / sec:.2f}× |")
+    ph = overlap.get("phases")
+    if ph:   # the ceiling: the shorter of rollout and update hidden entirely
+        bound = (ph["rollout"] + ph["learn"] + ph["sync"]) / (max(ph["rollout"], ph["learn"]) + ph["sync"])
+        lines += ["", f"Sequential phases (medians): rollout {ph['rollout']:.2f} s, update {ph['learn']:.2f} s, sync "
+                  f"{ph['sync']:.2f} s; hiding the shorter phase entirely would give {bound:.2f}×."]
     lines += ["", f"Learner replay, one group (G = {GROUP_SIZE} × T = {cfg.sampler.timesteps} image units), in "
               "process, forward + backward incl. the frozen reference; medians of interleaved runs.", "",
               "| units per forward | image tokens/s | speed-up vs 1 |", "|---|---|---|"]
@@ -135,12 +191,13 @@ def render(shard: dict, upf: dict, cfg) -> tuple[str, list[str]]:
     lines += ["", f"Figures: group sharding = {two_name} against the best 1-actor setting; units per forward = "
               f"{best} against 1."]
     figures = [f"group-sharding speed-up: {one / shard[two_name]:.2f}×",
+               f"overlap speed-up: {overlap['none'] / overlap['one_step']:.2f}×",
                f"units-per-forward speed-up: {upf[best] / upf[1]:.2f}×"]
     return "\n".join(lines), figures
 
 
 def run_scaling(cfg, repeats: int, threads: int, log=print) -> str:
-    """Both benchmarks (Ray started here unless one is running); returns the Markdown + figure lines."""
+    """The three benchmarks (Ray started here unless one is running); returns the Markdown + figure lines."""
     import ray
     import torch
 
@@ -151,6 +208,7 @@ def run_scaling(cfg, repeats: int, threads: int, log=print) -> str:
         start_local_ray(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
     try:
         shard = bench_group_sharding(cfg, repeats, log)
+        overlap = bench_overlap(cfg, repeats, log)
     finally:
         if started:
             with contextlib.suppress(Exception):
@@ -160,5 +218,5 @@ def run_scaling(cfg, repeats: int, threads: int, log=print) -> str:
             ray.shutdown()
     torch.set_num_threads(threads)
     upf = bench_units_per_forward(cfg, repeats, log)
-    tables, figures = render(shard, upf, cfg)
+    tables, figures = render(shard, upf, overlap, cfg)
     return tables + "\n\n" + "\n".join(figures)
