@@ -157,12 +157,15 @@ def replace_rollout_from_peer(trainer, slot: int):
     peers = [i for i, w in enumerate(trainer.workers) if i != slot and actor_state(w) == "ALIVE"]
     worker = replace_rollout(trainer, slot, load_weights=False)
     for i in peers:
-        try:   # queued behind the peer's current shard; its weights do not change before the sync
-            state = ray.get(trainer.workers[i].state_dict.remote(), timeout=trainer.cfg.sync.timeout_s + 600.0)
-        except ACTOR_DEATH_ERRORS as exc:
+        try:   # queued behind the peer's current shard (its weights do not change before the sync); the weights go
+            # from the peer to the new actor through the object store, not through the driver
+            ray.get(worker.load_weights.remote(trainer.workers[i].state_dict.remote()),
+                    timeout=trainer.cfg.sync.timeout_s + 600.0)
+        except Exception as exc:
+            if not is_actor_death(exc):
+                raise
             log.warning("rollout actor %d cannot lend its weights (%s)", i, type(exc).__name__)
             continue
-        ray.get(worker.load_weights.remote(ray.put(state)), timeout=trainer.cfg.sync.timeout_s + 60.0)
         log.warning("rollout actor %d took rollout actor %d's weights (overlapped rollout)", slot, i)
         return worker
     raise RolloutWeightsLost(f"rollout actor {slot} died during an overlapped rollout and no other rollout actor "

@@ -59,6 +59,17 @@ def make_trainer_factory():
     return build
 
 
+def record_samples(trainer, seen: dict) -> None:
+    """Wrap ``trainer.train_step`` so that ``seen[step]`` gets each step's (concept, prompt, reward) per sample."""
+    step_fn = trainer.train_step
+
+    def recorded(step):
+        metrics = step_fn(step)
+        seen[step] = [(s.concept, s.prompt_text, s.reward) for s in trainer._last_samples]
+        return metrics
+    trainer.train_step = recorded
+
+
 @pytest.fixture
 def make_trainer():
     """Factory: a set-up :class:`actors.controller.Trainer` on the tiny config (caller calls ``shutdown``)."""

@@ -16,6 +16,7 @@ from actors.checkpoint import (CheckpointManager, is_complete, read_checkpoint, 
                                set_rng_state)
 from actors.controller import Preempted, Trainer
 from configs.schema import load_config
+from tests.conftest import record_samples
 
 
 def _commit(mgr: CheckpointManager, step: int) -> Path:
@@ -161,19 +162,10 @@ def test_resume_after_step_k_reproduces_the_uninterrupted_run(ray_cluster, tmp_p
     common = ["run.steps=4", "run.checkpoint_every=2", "run.keep_last=3", "run.image_grid_every=2",
               f"serve.http_port={_free_port()}"]
 
-    def record(trainer, seen):
-        step_fn = trainer.train_step
-
-        def wrapped(step):
-            metrics = step_fn(step)
-            seen[step] = [(s.concept, s.prompt_text, s.reward) for s in trainer._last_samples]
-            return metrics
-        trainer.train_step = wrapped
-
     seen_a, seen_b = {}, {}
     a = make_trainer(tmp_path, root, common)
     try:
-        record(a, seen_a)
+        record_samples(a, seen_a)
         hist_a = {m["step"]: m for m in a.run()}
         weights_a = a.learners.state_dict_rank0()
     finally:
@@ -189,7 +181,7 @@ def test_resume_after_step_k_reproduces_the_uninterrupted_run(ray_cluster, tmp_p
     try:
         assert any("changed config" in r.message and "run.log_every" in r.message for r in caplog.records)
         assert b.start_step == 2 and b.dsog.state_dict() == json.loads((ckpt / "state.json").read_text())["dsog"]
-        record(b, seen_b)
+        record_samples(b, seen_b)
         hist_b = {m["step"]: m for m in b.run()}
         weights_b = b.learners.state_dict_rank0()
     finally:

@@ -20,6 +20,7 @@ from actors.learner_step import ToyBackend, old_logp_source
 from configs.schema import load_config
 from rl.objective import ObjectiveConfig, image_step_loss
 
+from tests.conftest import record_samples
 from tests.test_kill_matrix import _same_metrics, actor_pid, sigkill
 
 STEPS = 4
@@ -81,13 +82,7 @@ def test_overlapped_loss_uses_the_behaviour_logprobs_as_old_logprobs():
 def _run(make_trainer, out, root, overrides=(), resume=None, hook=None):
     trainer = make_trainer(out, root, [*OVERRIDES, *overrides], resume=resume)
     seen: dict = {}
-    step_fn = trainer.train_step
-
-    def recorded(step):
-        metrics = step_fn(step)
-        seen[step] = [(s.concept, s.prompt_text, s.reward) for s in trainer._last_samples]
-        return metrics
-    trainer.train_step = recorded
+    record_samples(trainer, seen)
     if hook is not None:
         trainer.phase_hook = lambda phase, step: hook(trainer, phase, step)
     try:
