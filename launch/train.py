@@ -57,11 +57,39 @@ def prepare(cfg, training: bool = True):
         return None
     dataset = load_dataset(cfg.data)
     check_training_use(dataset, cfg.data.text_task_ratio)
+    if "fer" in cfg.serve.enabled:
+        check_reference_faces(dataset, cfg.serve.fer.expert_config("fer"))
     log.info("dataset %s: %s", cfg.data.root, ", ".join(
         f"{n} ({c.info.category} by {c.info.category_source}; {len(c.train.references)} reference images, "
         f"{len(c.train.reasoning)} reasoning prompts from {c.train.reasoning_source})"
         for n, c in dataset.concepts.items()))
     return dataset
+
+
+def check_reference_faces(dataset, fer_config) -> None:
+    """DatasetError before Ray starts when a human concept has no reference photo with a face MTCNN finds under
+    the FER expert's settings (the FER replica would refuse it only after the whole service is up); reference
+    photos without a face are logged (FER skips them)."""
+    from rewards.fer import faceless_images, make_detector
+    from rl.data_files import DatasetError
+
+    detector = None
+    for name, c in dataset.concepts.items():
+        if c.info.category != "human" or not c.train.references:
+            continue
+        detector = detector or make_detector(fer_config)
+        refs = c.train.references
+        missing = faceless_images([r.load() for r in refs], fer_config, detector)
+        names = [Path(str(refs[i].path)).name for i in missing]
+        if len(missing) == len(refs):
+            raise DatasetError(f"{Path(str(refs[0].path)).parent}: no face found in any of the {len(refs)} reference "
+                               f"photo(s) of human concept {name!r} ({', '.join(names)}; MTCNN, min_face_prob="
+                               f"{fer_config.min_face_prob}); the FER reward needs one: add a photo showing the face "
+                               f"(or list such photos in concept/train/train_images.json), or take 'fer' out of "
+                               f"serve.enabled")
+        if missing:
+            log.warning("%s: %d of %d reference photos show no face MTCNN finds (%s); the FER reward skips them",
+                        name, len(missing), len(refs), ", ".join(names))
 
 
 def connect_ray(cfg, runtime_env: dict | None = None):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rewards.base import ExpertConfig, RewardExpert, ScoreBatch, cosine, loading, resolve_weights, seeded
 
-__all__ = ["FerConfig", "FerExpert", "ARCFACE_TEMPLATE"]
+__all__ = ["FerConfig", "FerExpert", "ARCFACE_TEMPLATE", "make_detector", "pick_face", "faceless_images"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,39 @@ class FerConfig(ExpertConfig):
         return cls(random_init=True, batch_size=8)
 
 
+def make_detector(config: FerConfig, device: str = "cpu"):
+    """facenet-pytorch's MTCNN (its weights ship with the package) with the expert's detection settings."""
+    from facenet_pytorch import MTCNN
+
+    return MTCNN(image_size=config.image_size, margin=config.margin, min_face_size=config.min_face_size,
+                 select_largest=True, keep_all=True, device=device)
+
+
+def pick_face(boxes, probs, points, min_prob: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The largest MTCNN detection with probability >= ``min_prob`` as (box [4], landmarks [5, 2]), or None
+    (numpy 2: MTCNN returns object arrays)."""
+    if boxes is None:
+        return None
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 5, 2)
+    probs = np.asarray(probs, dtype=np.float32).reshape(-1)
+    keep = np.flatnonzero(probs >= min_prob)
+    if keep.size == 0:
+        return None
+    areas = (boxes[keep, 2] - boxes[keep, 0]) * (boxes[keep, 3] - boxes[keep, 1])
+    best = keep[int(np.argmax(areas))]
+    return boxes[best], points[best]
+
+
+def faceless_images(images: Sequence[np.ndarray], config: FerConfig, detector=None) -> list[int]:
+    """Indices of ``images`` (uint8 HWC) in which MTCNN finds no face under ``config``'s settings: the check the
+    driver runs on human concepts' reference photos before any work starts (only the detector is built)."""
+    detector = detector or make_detector(config)
+    found = [pick_face(*detector.detect(np.ascontiguousarray(img), landmarks=True), config.min_face_prob)
+             for img in images]
+    return [i for i, f in enumerate(found) if f is None]
+
+
 def similarity_matrix(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares 2×3 similarity transform (rotation, uniform scale, shift) mapping ``src`` points to ``dst``."""
     u, v = src[:, 0], src[:, 1]
@@ -80,7 +113,7 @@ class FerExpert(RewardExpert):
 
     def __init__(self, config: FerConfig):
         super().__init__(config)
-        from facenet_pytorch import MTCNN, InceptionResnetV1
+        from facenet_pytorch import InceptionResnetV1
 
         path = resolve_weights(config.weights_path, "weights_path", self.name, config.random_init, local_only=True)
         with seeded(config.seed):
@@ -91,8 +124,7 @@ class FerExpert(RewardExpert):
                 state = state.get("state_dict", state) if isinstance(state, dict) else state
                 net.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits.")})
         self.net = self.to_model(net)
-        self.mtcnn = MTCNN(image_size=config.image_size, margin=config.margin, min_face_size=config.min_face_size,
-                           select_largest=True, keep_all=True, device=self.device)
+        self.mtcnn = make_detector(config, self.device)
         self.no_face_count = 0  # generated images scored 0 because no face was found (cumulative)
         self.skipped_references = 0  # reference images without a detectable face (cumulative)
         self._non_human: dict[str, str] = {}
@@ -114,18 +146,8 @@ class FerExpert(RewardExpert):
         return [self._pick_face(*r) for r in raw]
 
     def _pick_face(self, boxes, probs, points) -> tuple[np.ndarray, np.ndarray] | None:
-        """The largest detection with probability >= min_face_prob (numpy 2: MTCNN returns object arrays)."""
-        if boxes is None:
-            return None
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        points = np.asarray(points, dtype=np.float32).reshape(-1, 5, 2)
-        probs = np.asarray(probs, dtype=np.float32).reshape(-1)
-        keep = np.flatnonzero(probs >= self.config.min_face_prob)
-        if keep.size == 0:
-            return None
-        areas = (boxes[keep, 2] - boxes[keep, 0]) * (boxes[keep, 3] - boxes[keep, 1])
-        best = keep[int(np.argmax(areas))]
-        return boxes[best], points[best]
+        """The largest detection with probability >= min_face_prob (:func:`pick_face`)."""
+        return pick_face(boxes, probs, points, self.config.min_face_prob)
 
     def face_tensor(self, img: np.ndarray, box: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
         """The standardised face ``[3, S, S]`` ((x − 127.5) / 128, as facenet expects)."""

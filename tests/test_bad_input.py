@@ -282,6 +282,16 @@ def human_without_face(sample, tmp):
     expert.add_reference("astro", list(noise), category="human")
 
 
+def human_references_without_face_before_ray(sample, tmp):
+    from launch.train import prepare
+
+    root = _copy(sample, tmp)
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    for img in (root / "concept" / "train" / "astro").glob("*.png"):
+        Image.fromarray(noise).save(img)
+    prepare(load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={tmp / 'runs'}"]))
+
+
 def expert_returns_nan(sample, tmp):
     RewardEnsemble().combine({"tier": np.array([0.5], np.float32), "ber": np.array([np.nan], np.float32),
                               "der": np.array([0.2], np.float32)}, ["animal"])
@@ -335,6 +345,8 @@ CASES = [
     ("data: test_data item of unknown type", data_test_item_unknown_type, DatasetError, "'caption'"),
     ("eval: prompts_to_eval path missing", eval_prompts_to_eval_missing, DatasetError, "prompts_to_eval"),
     ("data: human concept without a face in its references", human_without_face, ValueError, "astro"),
+    ("data: human concept without a face, refused before Ray", human_references_without_face_before_ray, DatasetError,
+     "reference photo(s) of human concept 'astro'"),
     ("rewards: expert returns NaN", expert_returns_nan, NonFiniteScoreError, "ber"),
     ("rewards: images of the wrong dtype", score_batch_wrong_dtype, ValueError, "images"),
     ("rewards: empty batch", score_batch_empty, ValueError, "empty"),
