@@ -138,6 +138,9 @@ class Trainer:
         # only now (after _restore) do the rollout actors receive the learner's weights: restored ones on resume
         self.learners.connect_rollouts(self.workers)
         self.learners.sync_weights(self.workers)
+        if cfg.run.overlap == "one_step":
+            log.info("schedule: run.overlap=one_step: step k+1's rollout runs beside step k's update with the weights "
+                     "before it; old log-probs = the rollout's recorded ones (learn/policy_lag 1)")
         log.info("set-up done in %.1fs", time.perf_counter() - t0)
 
     def _replace_worker(self, slot: int):
