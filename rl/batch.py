@@ -51,7 +51,8 @@ class RolloutSample:
     chosen: np.ndarray
     """int64 [T, N]: chosen code ids per step (all positions)."""
     image_logps: np.ndarray
-    """float32 [T, N]: rollout log-probs of `chosen` (D4: only used to log the rollout–learner mismatch)."""
+    """float32 [T, N]: rollout log-probs of `chosen` (D4: the rollout–learner mismatch metric; with run.overlap:
+    one_step also the PPO ratio's old log-probs)."""
     final_ids: np.ndarray
     """int64 [N]: final code ids."""
     image: np.ndarray

@@ -135,3 +135,20 @@ def test_scaling_tables_end_with_the_figures():
     assert "| 2 actors, shards of 4 | 0.62 | 1.60× |" in tables and "| 4 | 1800 | 1.80× |" in tables
     assert "| one_step | 2.00 | 0.500 | 1.50× |" in tables
     assert bs.parse_args(["--scaling"]).scaling
+
+
+def test_the_prepared_gpu_check_runs_its_code_on_cpu(monkeypatch, capsys):
+    """launch.bench_gpu (run by hand on a GPU machine) on the tiny model, then on Show-o 512's layout (vocab 58498,
+    129 text + 1024 image tokens) with shrunk widths: the sampler records the group, the learner code replays it."""
+    from backbone.phi import ShowoPhiConfig
+    from launch import bench_gpu
+
+    text = bench_gpu.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--timesteps", "3", "--repeats", "1",
+                           "--group", "3"])
+    assert "| learner replay, units_per_forward 4 |" in text and text.splitlines()[-1].startswith("learner rank GiB:")
+    monkeypatch.setattr(ShowoPhiConfig, "real", classmethod(lambda cls, vocab_size=58498: cls.tiny(vocab_size)))
+    text = bench_gpu.main(["--device", "cpu", "--dtype", "float32", "--timesteps", "2", "--repeats", "1",
+                           "--group", "2"])
+    assert "Show-o 512 shapes" in text and "| sampler, one group |" in text
+    assert [ln.split(":")[0] for ln in text.splitlines()[-5:]] == [
+        "sampler images/s", "sampler MFU", "replay MFU", "replay peak GiB", "learner rank GiB"]
