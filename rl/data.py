@@ -321,8 +321,10 @@ def _personalized_split(root: Path, info: ConceptInfo, cfg: DataConfig
     return train, held, unpaired, t2i
 
 
-def _read_train(root: Path, name: str, cfg: DataConfig, train_images: dict[str, list[str]] | None
-                ) -> tuple[ConceptInfo, ConceptTrain]:
+def _read_train(root: Path, name: str, cfg: DataConfig, train_images: dict[str, list[str]] | None,
+                splits: dict | None = None) -> tuple[ConceptInfo, ConceptTrain]:
+    """The concept's info and training side; ``splits`` (optional) receives the t2i_conditions split it read, so
+    the held-out side does not read and split the file again."""
     folder = root / "concept" / "train" / name
     if not folder.is_dir():
         raise DatasetError(f"{folder}: training folder of concept {name!r} is missing")
@@ -346,7 +348,10 @@ def _read_train(root: Path, name: str, cfg: DataConfig, train_images: dict[str, 
     if override is not None:
         reasoning, source = override, "reasoning.json"
     else:
-        reasoning = _personalized_split(root, info, cfg)[0]
+        split = _personalized_split(root, info, cfg)
+        if splits is not None:
+            splits[name] = split
+        reasoning = split[0]
         source = "t2i_conditions" if reasoning else "none"
     train = ConceptTrain(
         images=images, cropped=_refs(image_files(folder / "cropped"), cfg) or list(images), references=references,
@@ -357,13 +362,13 @@ def _read_train(root: Path, name: str, cfg: DataConfig, train_images: dict[str, 
     return info, train
 
 
-def _read_test(root: Path, info: ConceptInfo, cfg: DataConfig) -> ConceptTest:
+def _read_test(root: Path, info: ConceptInfo, cfg: DataConfig, split: tuple | None = None) -> ConceptTest:
     folder = root / "concept" / "test" / info.name
     items = read_test_items(root, info.name)
     if not folder.is_dir() and items is None:
         raise DatasetError(f"{folder}: test folder of concept {info.name!r} is missing (and no test_data/"
                            f"{info.name}.json)")
-    _, held, unpaired, t2i = _personalized_split(root, info, cfg)
+    _, held, unpaired, t2i = split or _personalized_split(root, info, cfg)
     override = read_reasoning(folder, info)
     if override is not None:
         held, unpaired = override, []
@@ -425,9 +430,10 @@ def load_concept_dataset(root: str | Path, concepts: list[str] | None = None, *,
     load_image(black, cfg)
     train_images = read_train_images(root)
     out: dict[str, Concept] = {}
+    splits: dict = {}
     for n in wanted:
-        info, train = _read_train(root, n, cfg, train_images)
-        out[n] = Concept(info, train, _read_test(root, info, cfg) if include_test else None)
+        info, train = _read_train(root, n, cfg, train_images, splits)
+        out[n] = Concept(info, train, _read_test(root, info, cfg, splits.get(n)) if include_test else None)
     return ConceptDataset(root=root, concepts=out, black_image=ImageRef(black.resolve(), cfg.max_image_pixels),
                           random_images=_refs(image_files(root / "random_images"), cfg))
 
