@@ -292,16 +292,14 @@ class ShowoBackend:
     def unit_loss(self, module: nn.Module, samples: Sequence[Any], unit: ReplayUnit,
                   num_samples: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The D5 contribution of one unit, with gradient through ``module``."""
-        from rl.objective import answer_loss, image_step_loss
+        from rl.objective import answer_loss
 
         s = samples[unit.sample]
         dev = next(module.parameters()).device
         cfg = self.objective
         if unit.kind == "image":
             from backbone.replay import image_step_logprobs
-            from rl.objective import newly_unmasked_positions
 
-            T, N = (int(x) for x in s.states.shape)
             batch = self._t2i(samples, unit.sample, dev)
             state = _t(s.states[unit.step])[None]
             chosen = _t(s.chosen[unit.step])[None]
@@ -310,18 +308,7 @@ class ShowoBackend:
             if self.reference is not None:
                 with torch.no_grad():
                     ref = image_step_logprobs(self.reference, self.tok, batch, state, chosen, self.guidance_scale)
-            mask = None
-            if cfg.image_positions == "newly_unmasked":
-                states = _t(s.states)
-                mask = newly_unmasked_positions(states, self.tok.mask_id)[unit.step][None].to(dev)
-            rollout = _t(s.image_logps[unit.step]).to(dev)[None]
-            loss, st = image_step_loss(logp, _old(self.old_logp, rollout), ref, [float(s.advantage)], T, N,
-                                       num_samples, cfg, mask)
-            out = _objective_stats(loss, st)
-            w = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
-            out["image_absdiff"] = float(((logp.detach() - rollout).abs() * w).sum())
-            out["image_tokens"] = float(w.sum())
-            return loss, out
+            return self._image_row_loss(s, unit.step, logp, ref, num_samples)
         if unit.kind == "answer":
             from backbone.replay import answer_logprobs, answer_mask
 
@@ -351,10 +338,8 @@ class ShowoBackend:
         See :mod:`actors.replay_pack`."""
         from actors.replay_pack import sequential_loss, stack_t2i
         from backbone.replay import image_step_logprobs
-        from rl.objective import image_step_loss, newly_unmasked_positions
 
         dev = next(module.parameters()).device
-        cfg = self.objective
         batch = stack_t2i([self._t2i(samples, u.sample, dev) for u in pack])
         if batch is None or any(u.kind != "image" for u in pack):   # unequal sequence lengths: unit by unit
             return sequential_loss(self, module, samples, pack, num_samples)
@@ -367,23 +352,32 @@ class ShowoBackend:
                 ref = image_step_logprobs(self.reference, self.tok, batch, state, chosen, self.guidance_scale)
         total, stats = None, []
         for j, u in enumerate(pack):
-            s = samples[u.sample]
-            T, N = (int(x) for x in s.states.shape)
-            mask = None
-            if cfg.image_positions == "newly_unmasked":
-                mask = newly_unmasked_positions(_t(s.states), self.tok.mask_id)[u.step][None].to(dev)
-            row = logp[j:j + 1]
-            rollout = _t(s.image_logps[u.step]).to(dev)[None]
-            loss, st = image_step_loss(row, _old(self.old_logp, rollout), None if ref is None else ref[j:j + 1],
-                                       [float(s.advantage)], T, N, num_samples, cfg, mask)
+            loss, out = self._image_row_loss(samples[u.sample], u.step, logp[j:j + 1],
+                                             None if ref is None else ref[j:j + 1], num_samples)
             total = loss * float(u.weight) if total is None else total + loss * float(u.weight)
             if u.weight > 0:
-                out = _objective_stats(loss, st)
-                w = torch.ones_like(row) if mask is None else mask.to(row.dtype)
-                out["image_absdiff"] = float(((row.detach() - rollout).abs() * w).sum())
-                out["image_tokens"] = float(w.sum())
                 stats.append(out)
         return total, stats
+
+    def _image_row_loss(self, s: Any, step: int, logp: torch.Tensor, ref: torch.Tensor | None,
+                        num_samples: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The D5 contribution of MaskGIT step ``step`` of sample ``s`` from its log-prob row ``logp`` [1, N]
+        (``ref``: the frozen reference's row), and its stats sums (mismatch to the rollout included)."""
+        from rl.objective import image_step_loss, newly_unmasked_positions
+
+        cfg = self.objective
+        T, N = (int(x) for x in s.states.shape)
+        mask = None
+        if cfg.image_positions == "newly_unmasked":
+            mask = newly_unmasked_positions(_t(s.states), self.tok.mask_id)[step][None].to(logp.device)
+        rollout = _t(s.image_logps[step]).to(logp.device)[None]
+        loss, st = image_step_loss(logp, _old(self.old_logp, rollout), ref, [float(s.advantage)], T, N, num_samples,
+                                   cfg, mask)
+        out = _objective_stats(loss, st)
+        w = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
+        out["image_absdiff"] = float(((logp.detach() - rollout).abs() * w).sum())
+        out["image_tokens"] = float(w.sum())
+        return loss, out
 
 
 def concept_specs(dataset: Any) -> list:
