@@ -67,49 +67,44 @@ class SampleRequest:
     """Stop after screening attempt 0 of every sample: the result carries ``first_scores`` and no samples."""
 
 
-@dataclass
-class SampleResult:
-    """What a shard produced: its samples plus its share of the group's DSOG and reward bookkeeping."""
+@dataclass(kw_only=True)
+class RolloutBookkeeping:
+    """What producing samples leaves besides the samples: DSOG attempts, timings and reward-service trouble. A shard
+    (:class:`SampleResult`) carries its own; a group (:class:`GroupResult`) the sum over its shards
+    (:func:`assemble_group`)."""
 
-    request: SampleRequest
-    samples: list[RolloutSample]
     attempt_scores: list[float] = field(default_factory=list)
-    """Screen score of every attempt made (kept or not), attempt-major within the shard."""
+    """Screen score of every attempt made (kept or not), attempt-major within a shard, shards in sample order."""
     attempt_accepted: list[bool] = field(default_factory=list)
     """Whether each attempt passed the threshold (parallel to ``attempt_scores``)."""
     forced_keeps: int = 0
     """Samples kept at the attempt cap although below the threshold."""
-    first_scores: list[float] = field(default_factory=list)
-    """``screen_only``: the first attempt's screen score of each sample, in ``request.samples`` order."""
     init_threshold: float | None = None
-    """The threshold this shard initialised (only when the request carried None)."""
+    """The threshold this shard / group initialised (only when the request carried None)."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Rollout-actor seconds per phase: answer, image (MaskGIT), screen, reward."""
+    """Rollout-actor seconds per phase (summed over a group's shards): answer, image (MaskGIT), screen, reward."""
     dropped: list[str] = field(default_factory=list)
-    """Optional reward experts dropped for this shard."""
+    """Optional reward experts dropped (their weight renormalised away)."""
     reward_failures: dict[str, int] = field(default_factory=dict)
-    """Failed reward-server attempts per expert while producing this shard."""
+    """Failed reward-server attempts (retried or not) per expert while producing the samples."""
 
 
 @dataclass
-class GroupResult:
+class SampleResult(RolloutBookkeeping):
+    """What a shard produced: its samples plus its share of the group's DSOG and reward bookkeeping."""
+
+    request: SampleRequest
+    samples: list[RolloutSample]
+    first_scores: list[float] = field(default_factory=list)
+    """``screen_only``: the first attempt's screen score of each sample, in ``request.samples`` order."""
+
+
+@dataclass
+class GroupResult(RolloutBookkeeping):
     """A finished group plus what the controller needs to update DSOG and metrics."""
 
     request: GroupRequest
     samples: list[RolloutSample]
-    attempt_scores: list[float] = field(default_factory=list)
-    """Screen score of every attempt made (kept or not)."""
-    attempt_accepted: list[bool] = field(default_factory=list)
-    forced_keeps: int = 0
-    """Samples kept at the attempt cap although below the threshold."""
-    init_threshold: float | None = None
-    """The threshold this group initialised (only when the request carried None)."""
-    timings: dict[str, float] = field(default_factory=dict)
-    """Rollout-actor seconds per phase (summed over the group's shards): answer, image (MaskGIT), screen, reward."""
-    dropped: list[str] = field(default_factory=list)
-    """Optional reward experts dropped for this group (their weight renormalised away)."""
-    reward_failures: dict[str, int] = field(default_factory=dict)
-    """Failed reward-server attempts (retried or not) per expert while producing this group."""
 
 
 class RolloutEngine:
