@@ -116,7 +116,7 @@ class Trainer:
         self.rewards.start(data_root=self.dataset)  # references read once here, with data.reader
         self.replica_watch = ReplicaDeathWatch({e: app_name(cfg.serve, e) for e in cfg.serve.enabled})
         log.info("%s", role_line("rewards", cfg, None, time.perf_counter() - t))
-        self._replica_watch = watch_reward_replicas(cfg.serve)
+        self._replica_gauge_stop = watch_reward_replicas(cfg.serve)
         t = time.perf_counter()
         self.learners = LearnerGroup(cfg, self.placement)
         log.info("%s", role_line("learner", cfg, self.placement, time.perf_counter() - t))
@@ -369,8 +369,8 @@ class Trainer:
     def shutdown(self) -> None:
         """Stop what this trainer started: rollout actors, learner ranks, placement groups and (``serve.mode:
         owned``) the reward applications. Safe after a failed or partial ``setup``; each part is attempted."""
-        if getattr(self, "_replica_watch", None) is not None:
-            self._replica_watch.set()
+        if getattr(self, "_replica_gauge_stop", None) is not None:
+            self._replica_gauge_stop.set()
         self.metrics.close()
         steps = [("rollout actors", lambda: [ray.kill(w) for w in getattr(self, "workers", [])]),
                  ("learner ranks", lambda: self.learners.shutdown() if hasattr(self, "learners") else None),

@@ -35,19 +35,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_reset(device: str) -> int:
-    """Start a peak-memory window; returns the bytes allocated now (CUDA; 0 elsewhere)."""
-    if not device.startswith("cuda"):
-        return 0
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
-
-
-def _peak(device: str) -> int:
-    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
-
-
 def replay_flops(cfg, prefix: int, n: int, codebook: int) -> float:
     """Model FLOPs of one image replay unit's forward: cond + uncond rows over the whole sequence (prefix + image
     block), the code rows of lm_head at the N image positions."""
@@ -91,6 +78,7 @@ def group_samples(t2i, state) -> list:
 def bench_replay(model, tok, samples, k_values, repeats: int, device: str) -> dict:
     """Per units_per_forward: (seconds for the group's image units, peak bytes above the weights)."""
     from actors.learner_step import ShowoBackend, run_units, schedule_units
+    from launch.bench_memory import peak_memory
     from rl.objective import ObjectiveConfig
 
     backend = ShowoBackend(SimpleNamespace(model=model, tok=tok, concepts={}), ObjectiveConfig(kl_beta=0.01), 5.0)
@@ -102,13 +90,14 @@ def bench_replay(model, tok, samples, k_values, repeats: int, device: str) -> di
         for r in range(repeats + 1):
             model.zero_grad(set_to_none=True)
             backend.begin_step()
-            base = _peak_reset(device)
-            t0 = time.perf_counter()
-            run_units(model, lambda loss: loss.backward(), backend, samples, units, 1, units_per_forward=k)
-            _sync(device)
+            with peak_memory(device) as mem:   # CUDA allocated (RSS on CPU) above the level at entry
+                t0 = time.perf_counter()
+                run_units(model, lambda loss: loss.backward(), backend, samples, units, 1, units_per_forward=k)
+                _sync(device)
+                elapsed = time.perf_counter() - t0
             if r:
-                times.append(time.perf_counter() - t0)
-                peak = max(peak, _peak(device) - base)
+                times.append(elapsed)
+                peak = max(peak, mem["bytes"])
         out[k] = (statistics.median(times), peak, len(units))
     model.zero_grad(set_to_none=True)
     return out

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from rewards.base import ExpertConfig, RewardExpert, ScoreBatch, cosine, loading, resolve_weights, seeded
 
-__all__ = ["FerConfig", "FerExpert", "ARCFACE_TEMPLATE", "make_detector", "pick_face", "faceless_images"]
+__all__ = ["FerConfig", "FerExpert", "ARCFACE_TEMPLATE", "make_detector", "pick_face", "detect_one_by_one",
+           "faceless_images"]
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,16 @@ def pick_face(boxes, probs, points, min_prob: float) -> tuple[np.ndarray, np.nda
     return boxes[best], points[best]
 
 
+def detect_one_by_one(detector, images: Sequence[np.ndarray], min_prob: float
+                      ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """:func:`pick_face` of each image (any sizes), detected one at a time."""
+    return [pick_face(*detector.detect(np.ascontiguousarray(img), landmarks=True), min_prob) for img in images]
+
+
 def faceless_images(images: Sequence[np.ndarray], config: FerConfig, detector=None) -> list[int]:
     """Indices of ``images`` (uint8 HWC) in which MTCNN finds no face under ``config``'s settings: the check the
     driver runs on human concepts' reference photos before any work starts (only the detector is built)."""
-    detector = detector or make_detector(config)
-    found = [pick_face(*detector.detect(np.ascontiguousarray(img), landmarks=True), config.min_face_prob)
-             for img in images]
+    found = detect_one_by_one(detector or make_detector(config), images, config.min_face_prob)
     return [i for i, f in enumerate(found) if f is None]
 
 
@@ -136,13 +141,12 @@ class FerExpert(RewardExpert):
         A ``[B,H,W,3]`` array is detected in micro-batches (MTCNN gives the same boxes batched or not);
         a list of differently sized images one at a time.
         """
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            raw = []
-            for s in self.chunks(len(images)):
-                boxes, probs, points = self.mtcnn.detect(np.ascontiguousarray(images[s]), landmarks=True)
-                raw.extend(zip(boxes, probs, points))
-        else:
-            raw = [self.mtcnn.detect(np.ascontiguousarray(img), landmarks=True) for img in images]
+        if not (isinstance(images, np.ndarray) and images.ndim == 4):
+            return detect_one_by_one(self.mtcnn, images, self.config.min_face_prob)
+        raw = []
+        for s in self.chunks(len(images)):
+            boxes, probs, points = self.mtcnn.detect(np.ascontiguousarray(images[s]), landmarks=True)
+            raw.extend(zip(boxes, probs, points))
         return [self._pick_face(*r) for r in raw]
 
     def _pick_face(self, boxes, probs, points) -> tuple[np.ndarray, np.ndarray] | None:

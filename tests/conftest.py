@@ -85,3 +85,14 @@ def unipercept_python():
 
     build_env("unipercept", log=print)
     return env_python(default_dest("unipercept"))
+
+
+@pytest.fixture(scope="module")
+def unipercept_tiny(unipercept_python):
+    """The tiny UniPercept expert run directly in the overlay interpreter (over a pipe, no Ray); closed after the
+    module."""
+    from rewards.registry import build_expert
+
+    e = build_expert("unipercept", "tiny", python=str(unipercept_python))
+    yield e
+    e.close()

@@ -15,15 +15,6 @@ from rewards.base import ScoreBatch
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def expert(unipercept_python):
-    from rewards.registry import build_expert
-
-    e = build_expert("unipercept", "tiny", python=str(unipercept_python))
-    yield e
-    e.close()
-
-
 def _images(n, seed=0):
     rng = np.random.default_rng(seed)
     return np.stack([rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8)[:48] for i in range(n)])
@@ -57,17 +48,17 @@ def test_expert_matches_the_package_reward_in_fp32(unipercept_python):
     assert float(values["UNIPERCEPT_BATCH3_SAMPLES_PER_S"]) > 0 and "| package `reward()`" in out.stdout
 
 
-def test_scores_ranges_weights_and_batch_invariance(expert):
+def test_scores_ranges_weights_and_batch_invariance(unipercept_tiny):
     images = _images(5)
-    dims = expert.dimension_scores(images)
+    dims = unipercept_tiny.dimension_scores(images)
     assert sorted(dims) == ["iaa", "iqa", "ista"]
     for v in dims.values():
         assert v.dtype == np.float32 and v.shape == (5,) and np.all((v >= 0) & (v <= 100))
-    scores = expert.score(ScoreBatch(images=images))
+    scores = unipercept_tiny.score(ScoreBatch(images=images))
     mean = (dims["iaa"] + dims["iqa"] + dims["ista"]) / 3 * 0.01
     np.testing.assert_allclose(scores, mean, rtol=1e-5)
     assert np.all((scores >= 0) & (scores <= 1))
-    one_by_one = np.concatenate([expert.score(ScoreBatch(images=images[i:i + 1])) for i in range(5)])
+    one_by_one = np.concatenate([unipercept_tiny.score(ScoreBatch(images=images[i:i + 1])) for i in range(5)])
     np.testing.assert_allclose(one_by_one, scores, atol=1e-5)   # a sample's score never depends on its batch-mates
     assert len(set(np.round(dims["iaa"], 4))) > 1               # different images, different scores
 

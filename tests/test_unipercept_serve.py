@@ -14,16 +14,6 @@ from rewards.base import ScoreBatch
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def direct(unipercept_python):
-    """The same tiny expert, run directly in the overlay interpreter (over a pipe, no Ray)."""
-    from rewards.registry import build_expert
-
-    e = build_expert("unipercept", "tiny", python=str(unipercept_python))
-    yield e
-    e.close()
-
-
 def _cfg(app: str):
     from actors.reward_serve import ServeConfig
 
@@ -36,7 +26,7 @@ def _cfg(app: str):
     return cfg
 
 
-def test_served_scores_equal_direct_and_dead_replica_is_replaced(ray_cluster, unipercept_python, direct):
+def test_served_scores_equal_direct_and_dead_replica_is_replaced(ray_cluster, unipercept_python, unipercept_tiny):
     import ray
 
     from actors.reward_client import RewardClient
@@ -45,7 +35,7 @@ def test_served_scores_equal_direct_and_dead_replica_is_replaced(ray_cluster, un
     cfg = _cfg("rwup")
     images = np.random.default_rng(5).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
     batch = ScoreBatch(images=images)
-    want = direct.score(batch)
+    want = unipercept_tiny.score(batch)
     deploy_rewards(cfg)
     try:
         client = RewardClient(cfg)
