@@ -15,6 +15,8 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.checkpoint import CheckpointError
+
 PENDING_FILE = "next_rollout.pkl"
 """File name of the stored next-step rollout inside a checkpoint folder."""
 FORMAT = 1
@@ -43,8 +45,6 @@ def save_pending(folder: Path, pending: PendingRollout) -> Path:
 def load_pending(folder: Path, step: int) -> PendingRollout | None:
     """The stored rollout of checkpoint ``folder`` (None when it has none: an on-policy checkpoint, or the last
     step's). Raises CheckpointError naming the file when it is unreadable or belongs to another step than ``step``."""
-    from actors.checkpoint import CheckpointError
-
     path = Path(folder) / PENDING_FILE
     if not path.is_file():
         return None

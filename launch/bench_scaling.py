@@ -55,9 +55,9 @@ def bench_group_sharding(cfg, repeats: int, log=print) -> dict:
         settings = {BEFORE: (1, 0)}
         for per in SHARDS:
             settings.update({f"1 actor, shards of {per}": (1, per), f"2 actors, shards of {per}": (2, per)})
-        from rl.data import load_concept_dataset
+        from rl.data import load_dataset
 
-        concept = sorted(load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None).concepts)[0]
+        concept = sorted(load_dataset(cfg.data).concepts)[0]
         req = GroupRequest(step=0, prompt_index=0, concept=concept, threshold=None)
         calib = GroupDispatcher(workers[:1], group_size=GROUP_SIZE, samples_per_request=0, dsog=cfg.dsog)
         threshold = calib.run([req])[0].init_threshold   # a calibrated threshold: the measured runs redraw
@@ -124,10 +124,10 @@ def _group_samples(cfg):
     from actors.learner_step import make_showo_backend
     from actors.rollout_engine import GroupRequest, RolloutEngine
     from actors.scoring import local_scorer
-    from rl.data import load_concept_dataset
+    from rl.data import load_dataset
     import torch
 
-    ds = load_concept_dataset(cfg.data.root, concepts=cfg.data.concepts or None)
+    ds = load_dataset(cfg.data)
     backend = make_showo_backend(cfg, torch.device("cpu"))
     engine = RolloutEngine(cfg, backend.policy, ds, local_scorer(cfg, ds))
     req = GroupRequest(step=0, prompt_index=0, concept=sorted(ds.concepts)[0], threshold=None)
