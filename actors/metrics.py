@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from actors.prom_export import RayExporter, metric_name
+from actors.prom_export import RayExporter
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,6 @@ LINE_COLUMNS = [
 ]
 HEADER_EVERY = 25
 """Repeat the header after this many rows."""
-
-
-def prom_name(key: str, prefix: str = "grpo") -> str:
-    """Ray metric name of a metrics key: ``reward/total`` → ``grpo_reward_total`` (``ray_`` is added by Ray)."""
-    return metric_name(prefix, key)
 
 
 def clock(seconds: float) -> str:

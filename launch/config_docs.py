@@ -144,12 +144,12 @@ def config_markdown(root_cls: type | None = None) -> str:
 
 def metrics_markdown() -> str:
     """The per-step metrics table (JSONL / TensorBoard key, Ray metric name, meaning)."""
-    from actors.metrics import prom_name
+    from actors.prom_export import metric_name
     from actors.step_metrics import METRIC_DOCS
 
     out = ["### Per-step metrics\n", "| key | Prometheus name | meaning |", "|---|---|---|"]
     for key, doc in METRIC_DOCS.items():
-        name = prom_name(key.replace("<expert>", "EXPERT")).replace("EXPERT", "<expert>")
+        name = metric_name("grpo", key.replace("<expert>", "EXPERT")).replace("EXPERT", "<expert>")
         exported = "–" if key == "concepts" else f"`ray_{name}`"   # text: job log, JSONL and trackers only
         out.append(f"| `{key}` | {exported} | {_cell(doc)} |")
     return "\n".join(out) + "\n"

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.metrics import MetricsLogger, prom_name, read_metrics
+from actors.metrics import MetricsLogger, read_metrics
+from actors.prom_export import metric_name
 from actors.pictures import display_prompt, save_image_grid, save_reward_curves
 from actors.step_metrics import METRIC_DOCS, metric_doc, step_metrics
 
@@ -85,7 +86,8 @@ def test_custom_metrics_reach_the_prometheus_endpoint(ray_cluster, tmp_path):
     port = ray.nodes()[0]["MetricsExportPort"]
     run = f"probe-{uuid.uuid4().hex[:8]}"
     logger = MetricsLogger(tmp_path, tensorboard=False, run_name=run)
-    want = ["ray_" + prom_name("reward/total"), "ray_" + prom_name("learn/grad_norm"), "ray_grpo_steps_total"]
+    want = ["ray_" + metric_name("grpo", "reward/total"), "ray_" + metric_name("grpo", "learn/grad_norm"),
+            "ray_grpo_steps_total"]
     deadline, text = time.monotonic() + 40.0, ""
     while time.monotonic() < deadline:
         logger.log(METRICS)   # gauges are re-set each round; the exporter reports about every 10 s
