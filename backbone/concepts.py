@@ -10,8 +10,8 @@ the text rows + N(0, std of the text rows) noise from a fixed-seed generator (de
 """
 from __future__ import annotations
 
-import os
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 

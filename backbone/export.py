@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from backbone.build import ConceptSpec, ModelConfig, Policy, as_concept_spec, build_vq, build_policy, build_tokenizer
+from backbone.build import ConceptSpec, Policy, as_concept_spec, build_policy, build_tokenizer, build_vq
 from backbone.checkpoint import PREFIX, load_showo_state_dict, resolve_showo_file, save_showo_state_dict
 from backbone.concepts import concept_checkpoint_files, save_concept_checkpoint
+from backbone.config import ModelConfig
 from backbone.phi import ShowoPhi, ShowoPhiConfig
 
 log = logging.getLogger(__name__)

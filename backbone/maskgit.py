@@ -28,30 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backbone.config import SamplerConfig
 from backbone.phi import KV
 
 NEG_LOG_EPS = 1e-20
-
-
-@dataclass
-class SamplerConfig:
-    """MaskGIT sampling settings (Show-o 512 defaults)."""
-
-    timesteps: int = 50
-    """MaskGIT steps T (Show-o: 50)."""
-    guidance_scale: float = 5.0
-    """CFG scale s in ``(1+s)·cond − s·uncond`` (Show-o: 5); 0 disables CFG (cond branch only)."""
-    gumbel_temperature: float = 1.0
-    """Initial Gumbel temperature τ0 of the confidence noise; compounds as τ ← τ·(1 − (k+1)/T)."""
-    schedule: str = "cosine"
-    """Mask schedule; only "cosine" (Show-o's default) is implemented."""
-    reuse_prefix_kv: bool = True
-    """Compute the text prefix K/V once per sample and run only the image block per step."""
-
-    @classmethod
-    def tiny(cls) -> SamplerConfig:
-        """Few steps for CPU tests."""
-        return cls(timesteps=12)
 
 
 # --------------------------------------------------------------------------------------------- schedule math

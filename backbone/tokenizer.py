@@ -16,11 +16,12 @@ import functools
 import os
 from dataclasses import dataclass, field
 
+from backbone.config import BUILTIN_TINY
+
 SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>", "<|lvg|>")
 """Show-o's task tokens, in the order ``UniversalPrompting`` adds them (after ``[PAD]``)."""
 PAD_TOKEN = "[PAD]"
 ENDOFTEXT = "<|endoftext|>"
-BUILTIN_TINY = "builtin:tiny"
 
 BUILTIN_CORPUS = """\
 A photo of a small brown dog sitting on a green sofa in the living room. The dog has long floppy ears, a wet black

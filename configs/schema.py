@@ -1,7 +1,7 @@
 """The service's typed configuration: one dataclass per component, composed into :class:`TrainConfig`.
 
 Component dataclasses live beside the code they configure (``backbone.build.ModelConfig``,
-``backbone.maskgit.SamplerConfig``, ``rl.objective.ObjectiveConfig``, ``rl.dsog.DSOGConfig``, …); this module
+``backbone.maskgit.SamplerConfig``, ``rl.grpo.objective.ObjectiveConfig``, ``rl.grpo.dsog.DSOGConfig``, …); this module
 owns only the run-level sections and the composition. Defaults are the paper's Table 4 / the released code's
 values for the real 8×H100 job; ``configs/tiny_cpu.yaml`` overrides them for the embedded CPU default.
 """
@@ -11,19 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from actors.learner import LearnerConfig
-from actors.placement import PlacementConfig
-from actors.reward_serve import ServeConfig
-from actors.rollout import RolloutConfig
-from actors.trackers import TrackerConfig, check_trackers
-from actors.weight_sync import SyncConfig
-from backbone.build import ModelConfig
-from backbone.maskgit import SamplerConfig
+from backbone.config import ModelConfig, SamplerConfig
+from configs.learner import LearnerConfig, SyncConfig
 from configs.loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from rl.data import DataConfig as ReaderConfig
-from rl.dsog import DSOGConfig
-from rl.evaluate import EvalConfig
-from rl.objective import ObjectiveConfig
+from configs.placement import PlacementConfig
+from configs.rollout import RolloutConfig
+from configs.serve import ServeConfig
+from configs.trackers import TrackerConfig, check_trackers
+from rl.data.reader import DataConfig as ReaderConfig
+from rl.eval.config import EvalConfig
+from rl.grpo.config import DSOGConfig, ObjectiveConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -100,7 +97,7 @@ class DataConfig:
     text_task_ratio: float = 0.5
     """Share of text-only reasoning tasks versus visual-instruct tasks (paper: 1:1)."""
     prompt_style: Literal["released", "sft"] = "released"
-    """How understanding questions, compound prompts and reward texts are written (rl/tasks.py): "released" =
+    """How understanding questions, compound prompts and reward texts are written (rl/grpo/tasks.py): "released" =
     byte for byte the released GRPO code (sync_r1_grpo/grpo.py), the default so runs on the released data and
     checkpoints see the paper's prompts; "sft" = the UniCTokens-SFT layout (the "<c> is <token_0..15>." prefix on
     every question, CP = "A photo of <tokens> <c>. " + IR, reward text with <c> → class word)."""

@@ -25,8 +25,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from rewards.expert_env import (MARKER, ExpertEnvError, check_python, default_dest, lock_digest, lock_path,
-                                read_lock)
+from rewards.expert_env import MARKER, ExpertEnvError, check_python, default_dest, lock_digest, lock_path, read_lock
 
 __all__ = ["build_env", "env_python", "main"]
 

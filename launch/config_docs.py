@@ -144,8 +144,8 @@ def config_markdown(root_cls: type | None = None) -> str:
 
 def metrics_markdown() -> str:
     """The per-step metrics table (JSONL / TensorBoard key, Ray metric name, meaning)."""
-    from actors.prom_export import metric_name
-    from actors.step_metrics import METRIC_DOCS
+    from actors.telemetry.prometheus import metric_name
+    from actors.telemetry.step_metrics import METRIC_DOCS
 
     out = ["### Per-step metrics\n", "| key | Prometheus name | meaning |", "|---|---|---|"]
     for key, doc in METRIC_DOCS.items():

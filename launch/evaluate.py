@@ -8,7 +8,7 @@ examples:
 (``<run>/checkpoints/step_N``), a run folder (its final/, else its latest checkpoint), a Show-o safetensors
 file, or nothing (the config's model as is). Without ``--config`` a run checkpoint's saved config.yaml is used
 (else configs/tiny_cpu.yaml). Positional ``key.sub=value`` overrides apply to the config, ``eval.*`` ones to the
-evaluation settings (rl.evaluate.EvalConfig).
+evaluation settings (rl.eval.evaluate.EvalConfig).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def load_cli_policy(cfg, checkpoint: str | None, device: str = "cpu", dataset=No
     the checkpoint is a self-describing export (then ``cfg.model`` is set to the export's model config)."""
     from backbone.build import ConceptSpec
     from backbone.export import load_policy, resolve_checkpoint
-    from rl.data import load_dataset
+    from rl.data.reader import load_dataset
 
     is_export = checkpoint is not None and resolve_checkpoint(checkpoint)[0] == "export"
     if is_export:  # token counts etc. as exported (prompts split the tokens by these counts)
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from launch.train import prepare
-    from rl.data import load_dataset
-    from rl.evaluate import evaluate_policy, write_eval_outputs
+    from rl.data.reader import load_dataset
+    from rl.eval.evaluate import evaluate_policy, write_eval_outputs
 
     cfg = load_cli_config(args.config, args.overrides, args.checkpoint)
     prepare(cfg, training=False)

@@ -5,7 +5,7 @@ examples:
         --concept chelsea --num 4 --seed 0 --out gen_out
 
 ``<c>`` (or the concept's own token, e.g. ``<chelsea>``) in the prompt names the concept; its first mention is
-expanded to ``"<token_0..23> <chelsea>"`` (rl.tasks.expand_concept, as the T2I prompts of training). Without
+expanded to ``"<token_0..23> <chelsea>"`` (rl.grpo.tasks.expand_concept, as the T2I prompts of training). Without
 ``--concept`` the concept is the one whose token the prompt mentions, or the policy's only concept. A prompt with
 no concept mention is generated as is. Image i draws only from ``sample_seed(seed, 0, 0, i, 0, "generate")``, so
 the same checkpoint, prompt and seed give bit-identical images in any batch size. Writes ``000.png`` …,
@@ -57,10 +57,10 @@ def generate_to_dir(policy, prompt: str, out_dir: str | os.PathLike, concept: st
                     batch_size: int = 8) -> dict:
     """Generate ``num`` images of ``prompt`` into ``out_dir``; returns the generation record (also written as
     generation.json) with ``codes`` (np.int64 [num, N]) and ``images`` (uint8) added."""
-    from backbone.maskgit import SamplerConfig
-    from rl.evaluate import generate_images, save_grid
-    from rl.seeding import sample_seed
-    from rl.tasks import ConceptPromptTokens, expand_concept
+    from backbone.config import SamplerConfig
+    from rl.eval.evaluate import generate_images, save_grid
+    from rl.grpo.seeding import sample_seed
+    from rl.grpo.tasks import ConceptPromptTokens, expand_concept
 
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")

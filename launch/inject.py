@@ -53,14 +53,13 @@ def _progress(rep: dict) -> str:
 def run_injection(cfg) -> dict:
     """Run the job on the current Ray cluster (the caller started / joined it); returns the summary dict."""
     import ray
-
-    from actors.checkpoint import write_text_atomic
-    from actors.inject_worker import RemoteInjectWorker, checkpoint_dir, deal
-    from actors.metrics import MetricsLogger
-    from configs.loader import to_dict
-    from rl.data import load_concept_dataset
-
     import yaml
+
+    from actors.driver.checkpoint import write_text_atomic
+    from actors.inject.worker import RemoteInjectWorker, checkpoint_dir, deal
+    from actors.telemetry.logger import MetricsLogger
+    from configs.loader import to_dict
+    from rl.data.reader import load_concept_dataset
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entrypoint; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from actors.inject_worker import load_inject_config
-    from actors.ray_env import start_ray_from_config
+    from actors.cluster.ray_env import start_ray_from_config
+    from configs.inject import load_inject_config
     from launch.train import prepare
 
     cfg = load_inject_config(args.config, args.overrides)

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace a sample dataset previously written there")
     p.add_argument("--image-size", type=int, default=512, help="side of the concept images in pixels")
     args = p.parse_args(argv)
-    from rl.sample_data import write_sample_dataset
+    from rl.data.sample import write_sample_dataset
 
     t0 = time.perf_counter()
     try:

@@ -5,7 +5,7 @@ examples:
     python -m launch.scale der 1 --address 127.0.0.1:6379 --app-name rewards
     python -m launch.scale --status                       # replicas of every expert
 
-Scaling is in place (Serve's external-scaler API, see ``actors.reward_serve``): running replicas keep their ids,
+Scaling is in place (Serve's external-scaler API, see ``actors.serving.deploy``): running replicas keep their ids,
 scale-down drains the removed ones, the training run and the other experts are not affected. Autoscaled experts
 are refused with a message (Serve's autoscaler owns their count).
 """
@@ -17,7 +17,7 @@ import logging
 import sys
 
 EXPERTS = ("tier", "ber", "der", "fer", "clip", "unipercept")
-"""The reward experts (``actors.reward_serve.ALL_EXPERTS``; repeated here so ``--help`` needs no Ray import)."""
+"""The reward experts (``actors.serving.deploy.ALL_EXPERTS``; repeated here so ``--help`` needs no Ray import)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def status(app_name: str) -> dict[str, list[dict]]:
     """``{expert: replicas}`` of every deployed expert of ``app_name``."""
-    from actors.reward_serve import replicas
+    from actors.serving.deploy import replicas
 
     out = {}
     for expert in EXPERTS:
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from actors.ray_env import start_local_ray
-    from actors.reward_serve import scale_expert
+    from actors.cluster.ray_env import start_local_ray
+    from actors.serving.deploy import scale_expert
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not ray.is_initialized():

@@ -42,8 +42,8 @@ def prepare(cfg, training: bool = True):
     """Make paths absolute, create the sample dataset when the config asks for it, then (``training``) load and
     check the training dataset (every file, every image) before Ray starts or the run folder exists; returns the
     loaded dataset (None when not ``training``)."""
-    from rl.data import check_training_use, load_dataset
-    from rl.sample_data import write_sample_dataset
+    from rl.data.reader import check_training_use, load_dataset
+    from rl.data.sample import write_sample_dataset
 
     cfg.run.output_root = str(Path(cfg.run.output_root).expanduser().resolve())
     cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
@@ -71,7 +71,7 @@ def check_reference_faces(dataset, fer_config) -> None:
     the FER expert's settings (the FER replica would refuse it only after the whole service is up); reference
     photos without a face are logged (FER skips them)."""
     from rewards.fer import faceless_images, make_detector
-    from rl.data_files import DatasetError
+    from rl.data.files import DatasetError
 
     detector = None
     for name, c in dataset.concepts.items():
@@ -96,7 +96,7 @@ def connect_ray(cfg, runtime_env: dict | None = None):
     """Start or join Ray for ``cfg`` (``ray.address`` null and no ``RAY_ADDRESS``: a new private loopback cluster,
     whatever Ray has recorded on the machine; ``auto`` / an address: join it), with the job-wide ``runtime_env``.
     Returns ``ray.init``'s context."""
-    from actors.ray_env import start_local_ray
+    from actors.cluster.ray_env import start_local_ray
 
     rc = cfg.ray
     return start_local_ray(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entrypoint; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from actors.controller import Preempted, Trainer
-    from actors.prom_export import RUN_ENV, submission_id
+    from actors.driver.trainer import Preempted, Trainer
+    from actors.telemetry.prometheus import RUN_ENV, submission_id
     from configs.schema import load_config
 
     try:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:   # ConfigError, DatasetError, missing paths: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from actors.checkpoint import CheckpointError
+    from actors.driver.checkpoint import CheckpointError
 
     os.environ[RUN_ENV] = cfg.run.name   # the run label of metrics recorded in this process and the job's actors
     connect_ray(cfg, runtime_env={"env_vars": {RUN_ENV: cfg.run.name,

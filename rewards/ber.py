@@ -23,8 +23,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rewards.base import (CLIP_MEAN, CLIP_STD, ExpertConfig, ImageSpec, RewardExpert, ScoreBatch, loading,
-                          preprocess_images, resolve_weights, seeded)
+from rewards.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ExpertConfig,
+    ImageSpec,
+    RewardExpert,
+    ScoreBatch,
+    loading,
+    preprocess_images,
+    resolve_weights,
+    seeded,
+)
 
 __all__ = ["BerConfig", "BerExpert"]
 

@@ -15,8 +15,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rewards.base import (CLIP_MEAN, CLIP_STD, ExpertConfig, ImageSpec, RewardExpert, ScoreBatch, check_images,
-                          check_scores, cosine, loading, preprocess_images, resolve_weights, seeded)
+from rewards.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ExpertConfig,
+    ImageSpec,
+    RewardExpert,
+    ScoreBatch,
+    check_images,
+    check_scores,
+    cosine,
+    loading,
+    preprocess_images,
+    resolve_weights,
+    seeded,
+)
 
 __all__ = ["ClipConfig", "ClipExpert", "TINY_CLIP"]
 

@@ -13,8 +13,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-from rewards.base import (IMAGENET_MEAN, IMAGENET_STD, ExpertConfig, ImageSpec, RewardExpert, ScoreBatch, cosine,
-                          loading, preprocess_images, resolve_weights, seeded)
+from rewards.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ExpertConfig,
+    ImageSpec,
+    RewardExpert,
+    ScoreBatch,
+    cosine,
+    loading,
+    preprocess_images,
+    resolve_weights,
+    seeded,
+)
 
 __all__ = ["DerConfig", "DerExpert", "DINOV2_ARCHS"]
 

@@ -28,8 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rewards.base import IMAGENET_MEAN, IMAGENET_STD, ExpertConfig, RewardExpert, ScoreBatch, check_images, \
-    resolve_weights
+from rewards.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ExpertConfig,
+    RewardExpert,
+    ScoreBatch,
+    check_images,
+    resolve_weights,
+)
 
 __all__ = ["DIMENSIONS", "UniPerceptConfig", "UniPerceptExpert", "REQUIRED_TRANSFORMERS", "question"]
 

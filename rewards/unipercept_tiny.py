@@ -81,7 +81,6 @@ def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = 0, arch: str = "t
         raise ValueError(f"unipercept: unknown tiny arch {arch!r}; known: {sorted(ARCHS)}")
     import torch
     from transformers import AutoTokenizer
-
     from unipercept_reward.internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
 
     dest = Path(dest)

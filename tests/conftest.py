@@ -13,9 +13,9 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster on 127.0.0.1 shared by every test that asks for it; stopped at session end."""
-    from actors.ray_env import start_local_ray
-
     import ray
+
+    from actors.cluster.ray_env import start_local_ray
 
     info = start_local_ray(num_cpus=4, include_dashboard=False)
     yield info
@@ -31,7 +31,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory):
     """The bundled sample dataset at 128 px, written once per test session (read-only for tests)."""
-    from rl.sample_data import write_sample_dataset
+    from rl.data.sample import write_sample_dataset
 
     root = tmp_path_factory.mktemp("data") / "sample"
     write_sample_dataset(root, image_size=128, log=lambda *_: None)
@@ -44,9 +44,9 @@ TINY_TRAINER_OVERRIDES = ["rollout.group_size=3", "sampler.timesteps=8", "dsog.s
 
 
 def make_trainer_factory():
-    """``build(out_dir, root, overrides=(), resume=None)``: a set-up :class:`actors.controller.Trainer` on the tiny
+    """``build(out_dir, root, overrides=(), resume=None)``: a set-up :class:`actors.driver.trainer.Trainer` on the tiny
     config shrunk by :data:`TINY_TRAINER_OVERRIDES` (the caller calls ``shutdown``)."""
-    from actors.controller import Trainer
+    from actors.driver.trainer import Trainer
     from configs.schema import load_config
 
     def build(out_dir, root, overrides=(), resume=None):
@@ -72,7 +72,7 @@ def record_samples(trainer, seen: dict) -> None:
 
 @pytest.fixture
 def make_trainer():
-    """Factory: a set-up :class:`actors.controller.Trainer` on the tiny config (caller calls ``shutdown``)."""
+    """Factory: a set-up :class:`actors.driver.trainer.Trainer` on the tiny config (caller calls ``shutdown``)."""
     return make_trainer_factory()
 
 

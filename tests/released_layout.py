@@ -1,6 +1,6 @@
 """A concept dataset written the way the RELEASED UniCTokens code reads it (arctanxarc/UniCTokens @9f7a80c), for tests.
 
-Independent of the service's own writer (``rl.sample_data``): it follows the files the released code opens,
+Independent of the service's own writer (``rl.data.sample``): it follows the files the released code opens,
 
 * ``sync_r1_grpo/grpo.py``: ``concept/train/<c>/info.json`` (``class``, ``info``, ``extra_info`` list — no
   ``category``), ``concept/test/<c>/t2i_conditions.json["personalized_driven_generation"]``,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from backbone.answer import answer_mask, extend_mask, generate_answers, token_logprobs_dist
-from backbone.maskgit import MaskGITSampler, SamplerConfig, make_t2i_batch
+from backbone.config import SamplerConfig
+from backbone.maskgit import MaskGITSampler, make_t2i_batch
 from backbone.replay import PrefixKV, answer_logprobs, image_step_logprobs, newly_unmasked
 
 N_IMG = 16

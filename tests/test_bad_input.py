@@ -14,19 +14,21 @@ import pytest
 import torch
 from PIL import Image
 
-from actors.checkpoint import CheckpointError, resolve_resume
-from actors.placement import PlacementConfig, PlacementError, RoleSpec, check_fits, plan_layout
-from backbone.build import ConceptSpec, ModelConfig, build_policy
+from actors.cluster.placement import PlacementError, RoleSpec, check_fits, plan_layout
+from actors.driver.checkpoint import CheckpointError, resolve_resume
+from backbone.build import ConceptSpec, build_policy
 from backbone.checkpoint import load_showo_state_dict
 from backbone.concepts import load_concept_checkpoint
+from backbone.config import ModelConfig
 from backbone.phi import ShowoPhi, ShowoPhiConfig
 from configs.loader import ConfigError
+from configs.placement import PlacementConfig
 from configs.schema import load_config
 from rewards.base import NonFiniteScoreError, ScoreBatch
 from rewards.ensemble import RewardEnsemble
 from rewards.registry import build_expert
-from rl.data import DatasetError, load_concept_dataset
-from rl.sample_data import write_sample_dataset
+from rl.data.reader import DatasetError, load_concept_dataset
+from rl.data.sample import write_sample_dataset
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +182,7 @@ def data_empty_image(sample, tmp):
 
 
 def data_huge_image(sample, tmp):
-    from rl.data import DataConfig
+    from rl.data.reader import DataConfig
 
     root = _copy(sample, tmp)
     img = next((root / "concept" / "train" / "chelsea").glob("*.png"))
@@ -216,7 +218,7 @@ def data_extra_info_wrong_type(sample, tmp):
 
 
 def data_empty_extra_info_with_text_tasks(sample, tmp):
-    from rl.data import check_training_use
+    from rl.data.reader import check_training_use
 
     root = _copy(sample, tmp)
     _edit(root / "concept" / "train" / "cuppa" / "info.json", lambda d: {**d, "extra_info": []})
@@ -271,7 +273,7 @@ def data_test_item_unknown_type(sample, tmp):
 
 
 def eval_prompts_to_eval_missing(sample, tmp):
-    from rl.eval_items import resolve_prompts_to_eval
+    from rl.eval.items import resolve_prompts_to_eval
 
     resolve_prompts_to_eval(str(tmp / "prompts_to_eval.json"), sample)
 

@@ -1,12 +1,12 @@
-"""launch/bench_step: its pieces run on a very small setting and produce tables with the expected rows (no timing
+"""launch/bench/step: its pieces run on a very small setting and produce tables with the expected rows (no timing
 asserts). The full step on a local Ray cluster is the one slow test."""
 from __future__ import annotations
 
 import pytest
 
 from configs.schema import load_config
-from launch import bench_step as bs
-from rl.sample_data import write_sample_dataset
+from launch.bench import step as bs
+from rl.data.sample import write_sample_dataset
 
 SMALL = ["sampler.timesteps=4", "dsog.screen_step=2", "rollout.group_size=2", "rollout.answer_max_new_tokens=4",
          "objective.max_answer_tokens=4", "data.concepts=[chelsea]", "serve.enabled=[ber, der]",
@@ -99,7 +99,7 @@ def test_main_skip_step_writes_the_tables(sample_root, tmp_path):
 
 
 def test_real_shape_config_fits_one_gpu(sample_root, tmp_path):
-    from actors.placement import check_fits, plan_layout, roles_from_config
+    from actors.cluster.placement import check_fits, plan_layout, roles_from_config
 
     cfg = bs.bench_config(True, [f"data.root={sample_root}"], str(tmp_path))
     assert (cfg.model.preset, cfg.model.random_init, cfg.sampler.timesteps) == ("real", True, 50)
@@ -123,7 +123,7 @@ def test_one_step_on_local_ray(ray_cluster, sample_root, tmp_path):
 def test_scaling_tables_end_with_the_figures():
     from types import SimpleNamespace
 
-    from launch.bench_scaling import BEFORE, render
+    from launch.bench.scaling import BEFORE, render
 
     cfg = SimpleNamespace(sampler=SimpleNamespace(timesteps=12), dsog=SimpleNamespace(screen_step=4, max_attempts=2),
                           rollout=SimpleNamespace(group_size=8, num_workers=1), learner=SimpleNamespace(num_ranks=2))
@@ -138,10 +138,10 @@ def test_scaling_tables_end_with_the_figures():
 
 
 def test_the_prepared_gpu_check_runs_its_code_on_cpu(monkeypatch, capsys):
-    """launch.bench_gpu (run by hand on a GPU machine) on the tiny model, then on Show-o 512's layout (vocab 58498,
+    """launch.bench.gpu (run by hand on a GPU machine) on the tiny model, then on Show-o 512's layout (vocab 58498,
     129 text + 1024 image tokens) with shrunk widths: the sampler records the group, the learner code replays it."""
     from backbone.phi import ShowoPhiConfig
-    from launch import bench_gpu
+    from launch.bench import gpu as bench_gpu
 
     text = bench_gpu.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--timesteps", "3", "--repeats", "1",
                            "--group", "3"])

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbone.build import ConceptSpec, ModelConfig, build_policy
+from backbone.build import ConceptSpec, build_policy
 from backbone.checkpoint import save_showo_state_dict
 from backbone.concepts import save_concept_checkpoint
+from backbone.config import ModelConfig
 from backbone.phi import ShowoPhi
 from backbone.prompts import build_t2i_inputs, t2i_attention_mask
 

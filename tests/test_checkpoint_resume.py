@@ -12,9 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from actors.checkpoint import (CheckpointManager, is_complete, read_checkpoint, resolve_resume, rng_state,
-                               set_rng_state)
-from actors.controller import Preempted, Trainer
+from actors.driver.checkpoint import (
+    CheckpointManager,
+    is_complete,
+    read_checkpoint,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
+from actors.driver.trainer import Preempted, Trainer
 from configs.schema import load_config
 from tests.conftest import record_samples
 
@@ -64,13 +70,13 @@ def test_retention_keeps_last_k_by_commit_order_and_never_the_latest(tmp_path):
 
 
 def test_damaged_checkpoint_names_the_file_and_resume_auto_falls_back_with_a_warning(tmp_path, caplog):
-    from actors.checkpoint import CheckpointError
+    from actors.driver.checkpoint import CheckpointError
 
     mgr = CheckpointManager(tmp_path, keep_last=3)
     good, bad = _commit(mgr, 2), _commit(mgr, 4)
     weights = bad / "learner" / "weights.bin"
     weights.write_bytes(b"w" * 10)                                     # truncated after the write
-    with caplog.at_level("WARNING", logger="actors.checkpoint"):
+    with caplog.at_level("WARNING", logger="actors.driver.checkpoint"):
         assert resolve_resume(tmp_path, "auto") == good
     assert any(str(weights) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
     with pytest.raises(CheckpointError, match=f"{weights}.*10 bytes, 64 were written"):
@@ -84,7 +90,7 @@ def test_damaged_checkpoint_names_the_file_and_resume_auto_falls_back_with_a_war
 
     shutil.rmtree(bad)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="actors.checkpoint"):
+    with caplog.at_level("WARNING", logger="actors.driver.checkpoint"):
         assert resolve_resume(tmp_path, "auto") == good
     assert any("dangling" in r.getMessage() and "step_000004" in r.getMessage() for r in caplog.records)
     shutil.rmtree(good)
@@ -176,7 +182,7 @@ def test_resume_after_step_k_reproduces_the_uninterrupted_run(ray_cluster, tmp_p
     ckpt = run / "checkpoints" / "step_000002"
     assert {"learner", "state.json", "config.yaml", "git_revision.txt", "rng.json"} <= {p.name for p in ckpt.iterdir()}
 
-    with caplog.at_level("WARNING", logger="actors.controller"):
+    with caplog.at_level("WARNING", logger="actors.driver.trainer"):
         b = make_trainer(tmp_path, root, common + ["run.log_every=2"], resume=str(ckpt))
     try:
         assert any("changed config" in r.message and "run.log_every" in r.message for r in caplog.records)
@@ -206,7 +212,7 @@ def _free_port() -> int:
 
 
 def test_config_changes_name_dotted_keys_including_new_sections():
-    from actors.checkpoint import config_changes
+    from actors.driver.checkpoint import config_changes
 
     old = {"run": {"steps": 4, "log_every": 1}}
     new = {"run": {"steps": 4, "log_every": 2}, "eval": {"every": 1}}

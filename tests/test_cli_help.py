@@ -36,7 +36,7 @@ def test_help_shows_the_module_usage_and_examples_without_heavy_imports(job):
 
 
 def test_scale_lists_every_reward_expert():
-    from actors.reward_serve import ALL_EXPERTS
+    from configs.serve import ALL_EXPERTS
     from launch.scale import EXPERTS
 
     assert tuple(EXPERTS) == tuple(ALL_EXPERTS)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.ray_env import LOCAL_ONLY_KEYS, is_loopback_address, ray_init_kwargs, resolve_address
+from actors.cluster.ray_env import LOCAL_ONLY_KEYS, is_loopback_address, ray_init_kwargs, resolve_address
 
 ROOT = Path(__file__).resolve().parents[1]
 

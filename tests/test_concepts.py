@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from backbone.checkpoint import load_showo_state_dict, save_showo_state_dict
-from backbone.concepts import (RowDecayAdamW, add_concept_tokens, concept_checkpoint_files, load_concept_checkpoint,
-                               restrict_grads_to_rows, save_concept_checkpoint, unfreeze)
+from backbone.concepts import (
+    RowDecayAdamW,
+    add_concept_tokens,
+    concept_checkpoint_files,
+    load_concept_checkpoint,
+    restrict_grads_to_rows,
+    save_concept_checkpoint,
+    unfreeze,
+)
 from backbone.phi import ShowoPhi, ShowoPhiConfig
 from backbone.tokenizer import ShowoTokenizer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.placement import plan_layout, roles_from_config
+from actors.cluster.placement import plan_layout, roles_from_config
 from configs.loader import ConfigError, field_docs, walk_dataclasses
 from configs.schema import TrainConfig, load_config
 from launch.config_docs import config_markdown, config_rows

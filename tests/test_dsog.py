@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from rl.dsog import AttemptLoop, DSOGConfig, DSOGController, select_attempt
+from rl.grpo.config import DSOGConfig
+from rl.grpo.dsog import AttemptLoop, DSOGController, select_attempt
 
 G = 9  # samples per batch
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rl import metrics_eval as M
+from rl.eval import metrics as M
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,9 +104,9 @@ def test_table_formatting_and_aggregation():
 def env(tmp_path_factory):
     from backbone.build import ConceptSpec, build_policy
     from launch.evaluate import load_cli_config
-    from rl.data import load_concept_dataset
-    from rl.evaluate import build_eval_scorers
-    from rl.sample_data import write_sample_dataset
+    from rl.data.reader import load_concept_dataset
+    from rl.data.sample import write_sample_dataset
+    from rl.eval.evaluate import build_eval_scorers
 
     root = write_sample_dataset(tmp_path_factory.mktemp("data") / "sample", image_size=128, log=lambda *_: None)
     cfg = load_cli_config("tiny_cpu", [f"data.root={root}", "sampler.timesteps=3", "dsog.screen_step=1",
@@ -118,8 +118,8 @@ def env(tmp_path_factory):
 
 
 def test_held_out_reasoning_pairs_and_item_lists(env, tmp_path):
-    from rl.eval_items import read_prompts_to_eval
-    from rl.evaluate import pure_gen_prompts, rec_items, test_reasoning
+    from rl.eval.evaluate import pure_gen_prompts, rec_items, test_reasoning
+    from rl.eval.items import read_prompts_to_eval
 
     rea = test_reasoning(env.ds, "astro")   # the held-out half of t2i_conditions, index-paired with extra_info
     assert [(r.prompt, r.answer_index) for r in rea] == [("A photo of <astro> at her birthday party.", 3),
@@ -135,7 +135,7 @@ def test_held_out_reasoning_pairs_and_item_lists(env, tmp_path):
 
 
 def test_evaluate_writes_json_markdown_grid_and_is_deterministic(env, tmp_path):
-    from rl.evaluate import evaluate_policy, flat_metrics, write_eval_outputs
+    from rl.eval.evaluate import evaluate_policy, flat_metrics, write_eval_outputs
 
     res = evaluate_policy(env.cfg, env.policy, env.ds, env.scorers, limit=1, step=7)
     paths = write_eval_outputs(res, tmp_path / "out")
@@ -197,8 +197,8 @@ class _FakeJudge:
 
 
 def test_pluggable_judge_fills_the_dense_metrics(env, tmp_path):
-    from rl.evaluate import EvalScorers, evaluate_policy, write_eval_outputs
-    from rl.judge import Judge, build_judge, judge_names, register_judge, unregister_judge
+    from rl.eval.evaluate import EvalScorers, evaluate_policy, write_eval_outputs
+    from rl.eval.judge import Judge, build_judge, judge_names, register_judge, unregister_judge
 
     assert build_judge(None) is None and build_judge("none") is None
     with pytest.raises(ValueError, match="unknown judge"):
@@ -222,7 +222,7 @@ def test_pluggable_judge_fills_the_dense_metrics(env, tmp_path):
 
 
 def test_worker_evaluate_runner_for_the_training_loop(env):
-    from rl.evaluate import worker_evaluate
+    from rl.eval.evaluate import worker_evaluate
 
     worker = SimpleNamespace(cfg=env.cfg, policy=env.policy, device="cpu")
     env.cfg.eval.train_limit = 1

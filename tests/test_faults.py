@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import ray
 
-from actors.controller import Preempted
-from actors.checkpoint import read_checkpoint
+from actors.driver.checkpoint import read_checkpoint
+from actors.driver.trainer import Preempted
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def _kill_later(delay_s: float, find):
 
 
 def _serve_replica(cfg, expert: str):
-    from actors.reward_serve import replicas
+    from actors.serving.deploy import replicas
 
     running = [r for r in replicas(cfg.serve, expert) if r["state"] == "RUNNING"]
     assert running, f"no running replica of {expert}"
@@ -131,7 +131,7 @@ def test_dead_learner_rank_rebuilds_the_group_from_the_last_checkpoint(ray_clust
     thread = threading.Thread(target=kill_rank_after_first_step, daemon=True)
     thread.start()
     try:
-        with caplog.at_level("ERROR", logger="actors.recovery"):
+        with caplog.at_level("ERROR", logger="actors.driver.recovery"):
             history = trainer.run()
         ranks = trainer.learners.state_dicts()
     finally:

@@ -34,8 +34,8 @@ def env(tmp_path_factory):
     """Sample data, the tiny config, and a 'trained' policy (weights moved away from the seeded init)."""
     from backbone.build import ConceptSpec, build_policy
     from launch.evaluate import load_cli_config
-    from rl.data import load_concept_dataset
-    from rl.sample_data import write_sample_dataset
+    from rl.data.reader import load_concept_dataset
+    from rl.data.sample import write_sample_dataset
 
     root = write_sample_dataset(tmp_path_factory.mktemp("data") / "sample", image_size=128, log=lambda *_: None)
     overrides = [f"data.root={root}", "sampler.timesteps=3", "dsog.screen_step=1"]
@@ -88,9 +88,10 @@ def test_prompt_resolution():
 
 
 def test_export_then_load_gives_the_same_policy_and_the_same_images(env, tmp_path):
+    from safetensors import safe_open
+
     from backbone.build import build_policy
     from backbone.export import MANIFEST_NAME, export_model_config, export_policy, load_exported_policy, read_manifest
-    from safetensors import safe_open
 
     before = _gen(env.policy, tmp_path / "before", env.cfg)["codes"]
     manifest = export_policy(env.policy, tmp_path / "exp", env.cfg.model,
@@ -210,9 +211,11 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29613", RANK="0", WORLD_
 import torch.distributed as dist
 dist.init_process_group("gloo", rank=0, world_size=1)
 import deepspeed
-from actors.learner import LearnerConfig, deepspeed_config
-from actors.learner_step import UnitForward
-from backbone.build import ConceptSpec, ModelConfig, build_policy
+from actors.learner.group import deepspeed_config
+from configs.learner import LearnerConfig
+from actors.learner.step import UnitForward
+from backbone.build import ConceptSpec, build_policy
+from backbone.config import ModelConfig
 from backbone.export import load_policy
 cfg, specs = ModelConfig.tiny(), [ConceptSpec("bo", "dog"), ConceptSpec("cat", "cat")]
 pol = build_policy(cfg, specs)

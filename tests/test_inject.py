@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from actors.inject_worker import InjectConfig, load_inject_config
-from backbone.build import ConceptSpec, ModelConfig, build_policy
+from backbone.build import ConceptSpec, build_policy
+from backbone.config import ModelConfig
+from configs.inject import InjectConfig, load_inject_config
 from configs.loader import ConfigError, field_docs, walk_dataclasses
-from rl import inject_data as D
-from rl import inject_init as I
-from rl.data import load_concept_dataset
-from rl.inject import ConceptInjector, StageConfig
-from rl.sample_data import write_sample_dataset
+from rl.data.reader import load_concept_dataset
+from rl.data.sample import write_sample_dataset
+from rl.inject import data as D
+from rl.inject import initial_rows as I
+from rl.inject.loop import ConceptInjector, StageConfig
 
 CONCEPT = "chelsea"
 
@@ -215,10 +216,10 @@ def test_joint_mode_trains_everything_at_once(root, dataset):
 
 @pytest.mark.slow
 def test_inject_job_then_grpo_rollout_on_the_checkpoint(root, tmp_path, ray_cluster):
-    from actors.learner_step import concept_specs
-    from actors.metrics import read_metrics
-    from actors.rollout_engine import GroupRequest, RolloutEngine
-    from actors.scoring import local_scorer
+    from actors.learner.step import concept_specs
+    from actors.rollout.engine import GroupRequest, RolloutEngine
+    from actors.rollout.scoring import local_scorer
+    from actors.telemetry.logger import read_metrics
     from configs.schema import load_config
     from launch.inject import main
 
@@ -314,7 +315,7 @@ def _free_port() -> int:
 
 
 def test_grpo_setup_names_the_concept_checkpoint_and_rejects_wrong_token_counts(tmp_path):
-    from actors.setup_log import concept_checkpoint_lines
+    from actors.telemetry.setup_log import concept_checkpoint_lines
 
     for part, shape in (("embed", (25, 8)), ("lm_head_weight", (25, 8)), ("lm_head_bias", (25,))):
         torch.save(torch.zeros(shape), tmp_path / f"epoch_3_{part}.pt")

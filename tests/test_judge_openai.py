@@ -1,4 +1,4 @@
-"""The OpenAI-compatible judge (rl.judge_openai) against a small chat-completions server on loopback started here:
+"""The OpenAI-compatible judge (rl.eval.judge_openai) against a small chat-completions server on loopback started here:
 the released prompts on the wire, key and model, retries on 5xx / time-outs, clear errors on bad answers."""
 from __future__ import annotations
 
@@ -10,9 +10,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from rl.judge import build_judge
-from rl.judge_openai import (ANSWER_SYSTEM_PROMPT, IMAGE_SYSTEM_PROMPT, JudgeError, OpenAIJudge, concept_info_text,
-                             parse_score)
+from rl.eval.judge import build_judge
+from rl.eval.judge_openai import (
+    ANSWER_SYSTEM_PROMPT,
+    IMAGE_SYSTEM_PROMPT,
+    JudgeError,
+    OpenAIJudge,
+    concept_info_text,
+    parse_score,
+)
 
 
 class FakeChatServer:

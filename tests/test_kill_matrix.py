@@ -53,7 +53,7 @@ def sigkill(handle, delay_s: float = 0.0) -> threading.Thread | None:
 
 
 def reward_replica(trainer, expert: str = "tier"):
-    from actors.reward_serve import replicas
+    from actors.serving.deploy import replicas
 
     running = [r for r in replicas(trainer.cfg.serve, expert) if r["state"] == "RUNNING"]
     assert running, f"no running replica of {expert}"
@@ -141,7 +141,7 @@ DRIVER = """
 import os, signal, sys
 from configs.schema import load_config
 from launch.train import connect_ray
-from actors.controller import Trainer
+from actors.driver.trainer import Trainer
 
 out, root, phase, step = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 from tests.conftest import TINY_TRAINER_OVERRIDES

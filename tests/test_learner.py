@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from actors.learner import LearnerConfig, deepspeed_config
-from actors.learner_step import ReplayUnit, ToyBackend, build_units, run_units, schedule_units
-from actors.weight_sync import SyncConfig
-from rl.batch import RolloutSample
-from rl.objective import ObjectiveConfig, per_token_loss
+from actors.learner.group import deepspeed_config
+from actors.learner.step import ReplayUnit, ToyBackend, build_units, run_units, schedule_units
+from configs.learner import LearnerConfig, SyncConfig
+from rl.grpo.batch import RolloutSample
+from rl.grpo.config import ObjectiveConfig
+from rl.grpo.objective import per_token_loss
 
 VOCAB, CODES, T, N = 32, 16, 3, 4
 
@@ -147,7 +148,7 @@ def assert_ranks_identical(group) -> dict:
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_two_rank_gradient_equals_single_process_gradient(ray_cluster, zero_stage):
     """SGD lr=1, no clip: the update is exactly −(reduced gradient). Two steps (2nd has a live KL gradient)."""
-    from actors.learner import LearnerGroup
+    from actors.learner.group import LearnerGroup
 
     cfg = toy_cfg(optimizer="sgd", lr=1.0, grad_clip=0.0, weight_decay=0.0, zero_stage=zero_stage,
                   num_cpus_per_rank=0.5)
@@ -176,7 +177,7 @@ def test_two_rank_gradient_equals_single_process_gradient(ray_cluster, zero_stag
 @pytest.mark.parametrize("zero_stage", [1])  # BF16_Optimizer path (fp32 accumulation buffer)
 def test_bf16_two_rank_gradient_norm_matches_fp32_reference(ray_cluster, zero_stage):
     """bf16 weights, fp32 gradient accumulation: DeepSpeed's reduced grad norm = the fp32 single-process one."""
-    from actors.learner import LearnerGroup
+    from actors.learner.group import LearnerGroup
 
     cfg = toy_cfg(dtype="bfloat16", zero_stage=zero_stage, optimizer="sgd", lr=1.0, grad_clip=0.0,
                   weight_decay=0.0, num_cpus_per_rank=0.5)
@@ -195,7 +196,7 @@ def test_bf16_two_rank_gradient_norm_matches_fp32_reference(ray_cluster, zero_st
 
 @pytest.mark.slow
 def test_adamw_ranks_identical_every_step_metrics_and_checkpoint(ray_cluster, tmp_path):
-    from actors.learner import LearnerGroup
+    from actors.learner.group import LearnerGroup
 
     cfg = toy_cfg(lr=1e-2, num_cpus_per_rank=0.5)
     group = LearnerGroup(cfg, backend_factory=functools.partial(ToyBackend.factory, seed=3))
@@ -228,7 +229,8 @@ def test_adamw_ranks_identical_every_step_metrics_and_checkpoint(ray_cluster, tm
 
 @pytest.mark.slow
 def test_placement_more_cpus_than_cluster_is_a_clear_error(ray_cluster):
-    from actors.placement import PlacementConfig, PlacementError, RolePlacement, RoleSpec
+    from actors.cluster.placement import PlacementError, RolePlacement, RoleSpec
+    from configs.placement import PlacementConfig
 
     roles = [RoleSpec("learner", 2, 1.0, 0.0), RoleSpec("rollout", 3, 64.0, 0.0)]
     with pytest.raises(PlacementError, match=r"role 'rollout' needs 3 × \{CPU: 64.*192 CPU.*cluster has 4 CPU"):
@@ -245,7 +247,8 @@ def test_placement_more_cpus_than_cluster_is_a_clear_error(ray_cluster):
 def test_placement_layouts_schedule_actors(ray_cluster, layout):
     import ray
 
-    from actors.placement import PlacementConfig, RolePlacement, RoleSpec
+    from actors.cluster.placement import RolePlacement, RoleSpec
+    from configs.placement import PlacementConfig
 
     roles = [RoleSpec("learner", 2, 0.25, 0.0), RoleSpec("rollout", 3, 0.25, 0.0)]
     pl = RolePlacement(roles=roles, placement=PlacementConfig(layout=layout, ready_timeout_s=30))
@@ -271,8 +274,8 @@ def test_placement_layouts_schedule_actors(ray_cluster, layout):
 
 def showo_setup(timesteps: int = 3, max_answer: int = 6):
     """Tiny Show-o policy, sampler config and objective (L_text = the answer budget)."""
-    from backbone.build import ConceptSpec, ModelConfig, build_policy
-    from backbone.maskgit import SamplerConfig
+    from backbone.build import ConceptSpec, build_policy
+    from backbone.config import ModelConfig, SamplerConfig
 
     concepts = [ConceptSpec("bo", "dog")]
     policy = build_policy(ModelConfig.tiny(), concepts)
@@ -312,7 +315,7 @@ def showo_samples(policy, sampler_cfg, n: int, max_answer: int = 6, seed: int = 
 
 
 def test_showo_replay_reproduces_rollout_logps_and_d5_loss():
-    from actors.learner_step import ShowoBackend
+    from actors.learner.step import ShowoBackend
 
     policy, _, scfg, obj = showo_setup()
     samples = showo_samples(policy, scfg, 2)
@@ -329,7 +332,7 @@ def test_showo_replay_reproduces_rollout_logps_and_d5_loss():
 
 
 def test_showo_concept_rows_only_touch_concept_rows():
-    from actors.learner_step import ShowoBackend
+    from actors.learner.step import ShowoBackend
 
     policy, _, scfg, obj = showo_setup(timesteps=2)
     samples = showo_samples(policy, scfg, 1)
@@ -348,8 +351,8 @@ def test_showo_concept_rows_only_touch_concept_rows():
 
 @pytest.mark.slow
 def test_showo_train_step_on_two_ranks(ray_cluster, tmp_path):
-    from actors.learner import LearnerGroup
-    from actors.learner_step import make_showo_backend
+    from actors.learner.group import LearnerGroup
+    from actors.learner.step import make_showo_backend
 
     policy, concepts, scfg, obj = showo_setup()
     samples = showo_samples(policy, scfg, 3)
@@ -381,6 +384,6 @@ def test_showo_train_step_on_two_ranks(ray_cluster, tmp_path):
 
 def policy_cfg():
     """The ModelConfig used by showo_setup."""
-    from backbone.build import ModelConfig
+    from backbone.config import ModelConfig
 
     return ModelConfig.tiny()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backbone.magvit import MAGVITv2, MagvitConfig, load_magvit, random_magvit
+from backbone.magvit import MagvitConfig, MAGVITv2, load_magvit, random_magvit
 from backbone.magvit_layers import LFQuantizer
 
 

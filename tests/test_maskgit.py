@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from backbone.config import SamplerConfig
 from backbone.maskgit import (
     MaskGITSampler,
-    SamplerConfig,
     cfg_code_logits,
     mask_by_random_topk,
     maskgit_step,
@@ -193,7 +193,7 @@ def test_no_cfg_and_errors(tiny):
 
 def test_sampler_equals_straightforward_reference_loop(tiny):
     """The benchmark's reference (full recompute, full vocab, CFG branches one after the other, eager attention)."""
-    from launch.bench_rollout import reference_generate
+    from launch.bench.rollout import reference_generate
 
     model, tok = tiny
     inputs = t2i(tok, PROMPTS)

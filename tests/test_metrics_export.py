@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.metrics import MetricsLogger, read_metrics
-from actors.prom_export import metric_name
-from actors.pictures import display_prompt, save_image_grid, save_reward_curves
-from actors.step_metrics import METRIC_DOCS, metric_doc, step_metrics
+from actors.telemetry.logger import MetricsLogger, read_metrics
+from actors.telemetry.pictures import display_prompt, save_image_grid, save_reward_curves
+from actors.telemetry.prometheus import metric_name
+from actors.telemetry.step_metrics import METRIC_DOCS, metric_doc, step_metrics
 
 METRICS = {"step": 0, "reward/total": 0.5, "reward/der": 0.7, "reward/std": 0.1, "adv/std": 0.05,
            "learn/loss": -1e-3, "learn/kl": 2e-4, "learn/grad_norm": 0.3, "dsog/pass_rate": 0.25,
@@ -112,7 +112,7 @@ def test_custom_metrics_reach_the_prometheus_endpoint(ray_cluster, tmp_path):
 def test_injection_series_are_named_inject_and_reward_failures_exist_at_zero(ray_cluster, tmp_path):
     import ray
 
-    from actors import reward_metrics
+    from actors.serving import metrics as reward_metrics
 
     port = ray.nodes()[0]["MetricsExportPort"]
     run = f"inj-{uuid.uuid4().hex[:8]}"

@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent("""
     from launch.train import connect_ray
     connect_ray(cfg)
     import ray
-    from actors.controller import Trainer
+    from actors.driver.trainer import Trainer
 
     def node_of(handle):
         return actors(actor_id=handle._actor_id.hex())["Address"]["NodeID"]
@@ -94,7 +94,7 @@ def test_two_nodes_sync_across_and_survive_losing_a_node(tmp_path, sample_root):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("\nMULTINODE", res)
-    print("\n".join(x[:300] for x in out.stderr.splitlines() if "actors.recovery" in x or "actors.dispatch" in x))
+    print("\n".join(x[:300] for x in out.stderr.splitlines() if "actors.driver.recovery" in x or "actors.driver.dispatch" in x))
     assert res["learner_node"] != res["rollout_node"]           # the roles sit on different nodes
     assert all(s > 0 for s in res["sync_s"])                    # and every step's weights crossed between them
     assert res["rows"] == [0, 1, 2, 3] and res["steps"][-1] == 3  # each step exactly once on disk

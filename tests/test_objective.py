@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from rl.objective import (ObjectiveConfig, answer_loss, group_advantages, image_step_loss, merge_stats,
-                          newly_unmasked_positions, per_token_loss)
-
+from rl.grpo.config import ObjectiveConfig
+from rl.grpo.objective import (
+    answer_loss,
+    group_advantages,
+    image_step_loss,
+    merge_stats,
+    newly_unmasked_positions,
+    per_token_loss,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,10 @@ import pytest
 import ray
 import torch
 
-from actors.learner_step import ToyBackend, old_logp_source
+from actors.learner.step import ToyBackend, old_logp_source
 from configs.schema import load_config
-from rl.objective import ObjectiveConfig, image_step_loss
-
+from rl.grpo.config import ObjectiveConfig
+from rl.grpo.objective import image_step_loss
 from tests.conftest import record_samples
 from tests.test_kill_matrix import _same_metrics, actor_pid, sigkill
 
@@ -50,7 +50,7 @@ def test_old_logp_source_follows_run_overlap():
 
 def test_overlapped_loss_uses_the_behaviour_logprobs_as_old_logprobs():
     """With behaviour log-probs the ratio is π_θ / π_behaviour (clipped), not 1: loss, gradient and clip fraction
-    are rl.objective's with old = the rollout's recorded log-probs."""
+    are rl.grpo.objective's with old = the rollout's recorded log-probs."""
     cfg = ObjectiveConfig()
     samples = [_toy_sample(1, 0.7), _toy_sample(2, -0.4)]
     on, off = ToyBackend(cfg, seed=3), ToyBackend(cfg, seed=3, old_logp="rollout")
@@ -139,9 +139,8 @@ def test_overlapped_run_learns_one_step_off_policy(overlapped):
 
 @pytest.mark.slow
 def test_overlapped_run_resumes_exactly(overlapped, tmp_path, sample_root):
+    from actors.driver.trainer import Preempted
     from tests.conftest import make_trainer_factory
-
-    from actors.controller import Preempted
 
     ref = overlapped["one_step"]
     make = make_trainer_factory()
@@ -199,7 +198,7 @@ def test_actor_killed_during_the_overlapped_phase(case, overlapped, tmp_path, sa
     extra = ["rollout.num_workers=2"] if case == "rollout, peer alive" else []
     fired: list = []
     hook = (_kill_learner_at_overlap if case == "learner" else _kill_rollout_at_overlap)(fired)
-    with caplog.at_level("WARNING", logger="actors.recovery"):
+    with caplog.at_level("WARNING", logger="actors.driver.recovery"):
         got = _run(make_trainer_factory(), tmp_path, sample_root, extra, hook=hook)
     assert fired
     messages = [r.getMessage() for r in caplog.records]

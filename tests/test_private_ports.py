@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from actors.ray_env import is_loopback_address, listening_sockets
+from actors.cluster.ray_env import is_loopback_address, listening_sockets
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rl.data import DatasetError, check_training_use, load_concept_dataset
-from rl.tasks import (ConceptPromptTokens, build_compound_prompt, build_understanding_prompt, reward_prompt,
-                      sample_task)
+from rl.data.reader import DatasetError, check_training_use, load_concept_dataset
+from rl.grpo.tasks import (
+    ConceptPromptTokens,
+    build_compound_prompt,
+    build_understanding_prompt,
+    reward_prompt,
+    sample_task,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from released_layout import CONCEPTS, write_prompts_to_eval, write_released_dataset  # noqa: E402
@@ -204,7 +209,7 @@ def test_test_data_items_resolve_foreign_paths(ds, root):
 
 def test_data_reader_settings_reach_every_loader(root, tmp_path):
     from configs.schema import load_config
-    from rl.data import load_dataset
+    from rl.data.reader import load_dataset
 
     cfg = load_config("tiny_cpu", [f"data.root={root}", "data.reader.max_image_pixels=1000"])
     with pytest.raises(DatasetError, match="max_image_pixels"):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from actors.learner_step import ReplayUnit, make_showo_backend, run_units, schedule_units
-from actors.replay_pack import pack_units
-from actors.rollout_engine import GroupRequest, RolloutEngine
-from actors.scoring import local_scorer
+from actors.learner.pack import pack_units
+from actors.learner.step import ReplayUnit, make_showo_backend, run_units, schedule_units
+from actors.rollout.engine import GroupRequest, RolloutEngine
+from actors.rollout.scoring import local_scorer
 from configs.schema import load_config
-from rl.data import load_concept_dataset
+from rl.data.reader import load_concept_dataset
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -7,9 +7,16 @@ import time
 import numpy as np
 import pytest
 
-from actors.reward_serve import (ALL_EXPERTS, RewardRequestError, RewardServiceError, ServeConfig, deploy_rewards,
-                                 http_url, replicas, scale_expert, shutdown_rewards,
-                                 wait_for_replicas)
+from actors.serving.deploy import (
+    deploy_rewards,
+    http_url,
+    replicas,
+    scale_expert,
+    shutdown_rewards,
+    wait_for_replicas,
+)
+from actors.serving.errors import RewardRequestError, RewardServiceError
+from configs.serve import ALL_EXPERTS, ServeConfig
 from rewards.base import ScoreBatch
 
 slow = pytest.mark.slow
@@ -23,7 +30,7 @@ def test_config_fields_documented_and_validated():
     import ast
     import inspect
 
-    import actors.reward_serve as mod
+    import actors.serving.deploy as mod
     from configs.loader import ConfigError, from_dict
 
     tree = ast.parse(inspect.getsource(mod))
@@ -47,14 +54,14 @@ def test_config_fields_documented_and_validated():
 
 
 def test_metrics_never_raise_on_zero_counts():
-    from actors import reward_metrics
+    from actors.serving import metrics as reward_metrics
 
     reward_metrics.count_scored("der", 0)  # Counter.inc(0) raises in Ray; the helper skips it
     reward_metrics.count_failure("der", "timeout", 0)
 
 
 def test_batches_concatenate_and_split_by_signature():
-    from actors.reward_replica import _signature, as_score_batch, concat
+    from actors.serving.replica import _signature, as_score_batch, concat
 
     a = ScoreBatch(images=np.zeros((2, 8, 8, 3), np.uint8), concepts=["x", "y"])
     b = ScoreBatch(images=np.ones((1, 8, 8, 3), np.uint8), concepts=["z"])
@@ -71,14 +78,14 @@ def test_batches_concatenate_and_split_by_signature():
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """The sample concept dataset (a real face for FER), written small."""
-    from rl.sample_data import write_sample_dataset
+    from rl.data.sample import write_sample_dataset
 
     return str(write_sample_dataset(tmp_path_factory.mktemp("data") / "ds", image_size=160, log=lambda s: None))
 
 
 @pytest.fixture(scope="module")
 def references(data_root):
-    from actors.reward_replica import references_from_root
+    from actors.serving.replica import references_from_root
 
     return references_from_root(data_root)[0]
 
@@ -142,7 +149,7 @@ def score(handle, batch, request_id=None, timeout_s=60.0) -> dict:
 # ------------------------------------------------------------------------------------------------ tests
 @slow
 def test_all_experts_match_direct_calls(served, direct, references):
-    from actors.reward_client import RewardClient
+    from actors.serving.client import RewardClient
 
     cfg, handles = served
     assert set(handles) == set(IN_PROCESS)
@@ -175,7 +182,7 @@ def test_all_experts_match_direct_calls(served, direct, references):
 def test_failing_optional_expert_is_dropped_and_required_one_raises(served, references, caplog):
     import copy
 
-    from actors.reward_client import RewardClient
+    from actors.serving.client import RewardClient
 
     cfg, _ = served
     batch = make_batch(references, n=3)  # human, animal, object
@@ -247,8 +254,8 @@ def test_scale_one_expert_under_load(served, direct, references):
 def test_replica_killed_mid_request_is_retried(ray_cluster, data_root, references, direct):
     import ray
 
-    from actors.reward_client import RewardClient
-    from rl.data import load_concept_dataset
+    from actors.serving.client import RewardClient
+    from rl.data.reader import load_concept_dataset
 
     cfg = ServeConfig.tiny()
     cfg.app_name = "rwkill"
@@ -290,7 +297,7 @@ def test_malformed_requests_fail_clearly_and_deployment_keeps_serving(served, re
     import msgpack
     import requests
 
-    from actors.reward_client import RewardClient
+    from actors.serving.client import RewardClient
 
     cfg, handles = served
     good = make_batch(references, n=2, seed=3)
@@ -324,7 +331,7 @@ def test_malformed_requests_fail_clearly_and_deployment_keeps_serving(served, re
 def test_http_route_matches_handle(served, references):
     import psutil
 
-    from actors.reward_client import http_score
+    from actors.serving.client import http_score
 
     cfg, handles = served
     batch = make_batch(references, n=3, seed=11)

@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.base import (ExpertConfig, ImageSpec, NonFiniteScoreError, RewardExpert, ScoreBatch, preprocess_images,
-                          resolve_weights)
-from rewards.ensemble import EnsembleConfig
+from rewards.base import (
+    ExpertConfig,
+    ImageSpec,
+    NonFiniteScoreError,
+    RewardExpert,
+    ScoreBatch,
+    preprocess_images,
+    resolve_weights,
+)
+from rewards.config import EnsembleConfig
 from rewards.registry import build_expert, config_class, expert_names
 
 

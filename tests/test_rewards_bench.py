@@ -1,7 +1,7 @@
 """The reward benchmark's reusable helpers and a smoke run on the tiny DINOv2."""
 from __future__ import annotations
 
-from launch.bench_rewards import BENCH_COLUMNS, BenchRow, main, markdown_table, time_call
+from launch.bench.rewards import BENCH_COLUMNS, BenchRow, main, markdown_table, time_call
 
 
 def test_markdown_table_and_rows():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from rewards.base import ExpertConfig, NonFiniteScoreError, RewardExpert, ScoreBatch
-from rewards.ensemble import EnsembleConfig, RewardEnsemble
+from rewards.config import EnsembleConfig
+from rewards.ensemble import RewardEnsemble
 
 SCORES = {"tier": np.array([0.5, 1.0, 0.2], np.float32), "ber": np.array([0.3, 0.1, 0.4], np.float32),
           "der": np.array([0.6, 0.9, 0.8], np.float32), "fer": np.array([0.7, 0.0, 0.0], np.float32)}

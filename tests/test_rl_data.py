@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from rl.batch import RolloutSample, sort_samples, validate_batch
-from rl.data import DataConfig, DatasetError, load_concept_dataset
-from rl.sample_data import MARKER, SAMPLE_CONCEPTS, write_sample_dataset
-from rl.seeding import make_generator, make_numpy_generator, sample_seed
+from rl.data.reader import DataConfig, DatasetError, load_concept_dataset
+from rl.data.sample import MARKER, SAMPLE_CONCEPTS, write_sample_dataset
+from rl.grpo.batch import RolloutSample, sort_samples, validate_batch
+from rl.grpo.seeding import make_generator, make_numpy_generator, sample_seed
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_sample_dataset_test_split_both_t2i_forms(sample_root):
         prompts = c.test.t2i_conditions["personalized_driven_generation"]
         assert prompts and all(c.info.token in p for p in prompts)
         assert c.test.vqa and c.test.text_only and len(c.test.images) == 2
-    from rl.eval_items import read_prompts_to_eval
+    from rl.eval.items import read_prompts_to_eval
 
     assert set(read_prompts_to_eval(sample_root / "prompts_to_eval.json")) == {"object", "live_subject"}
     assert [it.type for it in ds.concept("astro").test.items][:2] == ["rec", "rec"]

@@ -6,13 +6,23 @@ import numpy as np
 import pytest
 
 from backbone.tokenizer import ShowoTokenizer
-from rl.data import DatasetError, load_concept_dataset
-from rl.sample_data import write_sample_dataset
-from rl.seeding import make_numpy_generator, sample_seed
-from rl.tasks import (ConceptPromptTokens, UnderstandingTask, base_prompt, build_compound_prompt,
-                      build_understanding_prompt, clean_ir, compound_fixed_part, fit_to_budget, reward_prompt,
-                      reward_prompt_text,
-                      sample_task, text_budget)
+from rl.data.reader import DatasetError, load_concept_dataset
+from rl.data.sample import write_sample_dataset
+from rl.grpo.seeding import make_numpy_generator, sample_seed
+from rl.grpo.tasks import (
+    ConceptPromptTokens,
+    UnderstandingTask,
+    base_prompt,
+    build_compound_prompt,
+    build_understanding_prompt,
+    clean_ir,
+    compound_fixed_part,
+    fit_to_budget,
+    reward_prompt,
+    reward_prompt_text,
+    sample_task,
+    text_budget,
+)
 
 
 @pytest.fixture(scope="module")

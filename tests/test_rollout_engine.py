@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from actors.learner_step import concept_specs
-from actors.rollout_engine import GroupRequest, RolloutEngine
-from actors.scoring import local_scorer
+from actors.learner.step import concept_specs
+from actors.rollout.engine import GroupRequest, RolloutEngine
+from actors.rollout.scoring import local_scorer
 from backbone.build import build_policy
 from configs.schema import load_config
-from rl.batch import validate_batch
-from rl.data import load_concept_dataset
-from rl.sample_data import write_sample_dataset
+from rl.data.reader import load_concept_dataset
+from rl.data.sample import write_sample_dataset
+from rl.grpo.batch import validate_batch
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +69,9 @@ def test_shards_screen_only_and_assembly(engine):
     """A group split into single-sample shards: the screen-only pass gives each shard's first-attempt scores, the
     shards run with the calibrated threshold give a complete group whatever order they are assembled in, and a
     shard re-run (another actor, by D7) is bit-identical."""
-    from actors.dispatch import shard_group
-    from actors.rollout_engine import assemble_group
-    from rl.dsog import DSOGController
+    from actors.driver.dispatch import shard_group
+    from actors.rollout.engine import assemble_group
+    from rl.grpo.dsog import DSOGController
 
     g = engine.cfg.rollout.group_size
     req = GroupRequest(step=2, prompt_index=0, concept="chelsea", threshold=None)

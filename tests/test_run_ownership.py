@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.reward_serve import ServeConfig, deploy_rewards, deployed_apps, shutdown_rewards
+from actors.serving.deploy import deploy_rewards, deployed_apps, shutdown_rewards
+from configs.serve import ServeConfig
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def test_owned_pool_replaces_stale_apps_and_is_deleted_when_the_run_fails(ray_cl
     cfg = load_config("tiny_cpu", [f"data.root={sample_root}", *ONE_STEP])
     deploy_rewards(cfg.serve, data_root=str(sample_root))        # what a crashed earlier run left behind
     assert deployed_apps(cfg) == APPS
-    with caplog.at_level("WARNING", logger="actors.reward_serve"):
+    with caplog.at_level("WARNING", logger="actors.serving.deploy"):
         trainer = make_trainer(tmp_path, sample_root, ONE_STEP)
     assert trainer.rewards.stale_replaced == APPS
     assert any("replacing stale reward applications" in r.getMessage() for r in caplog.records)

@@ -8,8 +8,7 @@ import pytest
 import ray
 from PIL import Image
 
-
-from actors.rollout_engine import GroupRequest
+from actors.rollout.engine import GroupRequest
 
 pytestmark = pytest.mark.slow
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 import ray
 import torch
 
-from actors.dispatch import GroupDispatcher
-from actors.learner_step import make_showo_backend, run_units, schedule_units
-from rl.objective import group_advantages
+from actors.driver.dispatch import GroupDispatcher
+from actors.learner.step import make_showo_backend, run_units, schedule_units
+from rl.grpo.objective import group_advantages
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,7 @@ def test_one_two_or_three_rollout_actors_give_the_same_samples_and_losses(ray_cl
         assert sig[0][4] is not None and sig[0][4] == outcomes[1][0][0][4]   # calibrated from the whole group
         # the calibrated threshold is the (1 - TPR) quantile of the group's first-attempt scores, as for an unsplit
         # group: attempt 0 of every sample is the first score it reports
-        from rl.dsog import DSOGController
+        from rl.grpo.dsog import DSOGController
 
         firsts, pos = [], 0
         for s in sorted(sig[0][5]):

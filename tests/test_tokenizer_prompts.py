@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbone.prompts import (MMU_TEMPLATE, build_mmu_inputs, build_t2i_inputs, mmu_attention_mask,
-                              t2i_attention_mask, to_additive_mask)
-from backbone.tokenizer import (BUILTIN_CORPUS, ENDOFTEXT, SPECIAL_TOKENS, ShowoTokenizer, _train_bpe_json,
-                               _wrap_fast)
+from backbone.prompts import (
+    MMU_TEMPLATE,
+    build_mmu_inputs,
+    build_t2i_inputs,
+    mmu_attention_mask,
+    t2i_attention_mask,
+    to_additive_mask,
+)
+from backbone.tokenizer import BUILTIN_CORPUS, ENDOFTEXT, SPECIAL_TOKENS, ShowoTokenizer, _train_bpe_json, _wrap_fast
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.metrics import MetricsLogger
-from actors.trackers import Tracker, TrackerConfig, check_trackers, make_trackers
+from actors.telemetry.logger import MetricsLogger
+from actors.telemetry.trackers import Tracker, make_trackers
+from configs.trackers import TrackerConfig, check_trackers
 
 CONFIG = {"run": {"name": "trk", "steps": 3}, "learner": {"lr": 1e-4}, "serve": {"enabled": ["tier", "der"]}}
 

@@ -86,8 +86,8 @@ def test_an_overlay_without_its_packages_is_broken(tmp_path):
 
 
 def test_serve_config_runtime_env_and_defaults():
-    from actors.reward_serve import UNIPERCEPT_PYTHON, ExpertServeConfig, ServeConfig
     from configs.loader import ConfigError, from_dict
+    from configs.serve import UNIPERCEPT_PYTHON, ExpertServeConfig, ServeConfig
 
     cfg = ServeConfig()
     for c in (cfg, ServeConfig.tiny(), from_dict(ServeConfig, {"unipercept": {"num_gpus": 0.5}})):
@@ -109,7 +109,8 @@ def test_serve_config_runtime_env_and_defaults():
 
 
 def test_paper_weights_unchanged_and_perceptual_term_is_opt_in():
-    from rewards.ensemble import PERCEPTUAL_WEIGHT, EnsembleConfig, RewardEnsemble, with_perceptual
+    from rewards.config import EnsembleConfig
+    from rewards.ensemble import PERCEPTUAL_WEIGHT, RewardEnsemble, with_perceptual
 
     paper = EnsembleConfig()
     assert "unipercept" not in paper.experts
@@ -129,8 +130,8 @@ def test_paper_weights_unchanged_and_perceptual_term_is_opt_in():
 
 def test_dsog_accepts_unipercept_and_eval_has_perceptual_columns():
     from configs.schema import load_config
-    from rl import metrics_eval as M
-    from rl.perceptual import build_perceptual_scorer, perceptual_metrics
+    from rl.eval import metrics as M
+    from rl.eval.perceptual import build_perceptual_scorer, perceptual_metrics
 
     cfg = load_config("tiny_cpu", ["serve.enabled=[tier,ber,der,fer,unipercept]", "dsog.scorer=unipercept"])
     assert cfg.dsog.scorer == "unipercept"

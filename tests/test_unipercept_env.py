@@ -38,7 +38,7 @@ def test_expert_matches_the_package_reward_in_fp32(unipercept_python):
     """Same tiny checkpoint, fp32: the batched expert vs the package's per-image reward() (also the benchmark)."""
     from rewards.expert_env import PROJECT_ROOT
 
-    out = subprocess.run([str(unipercept_python), "-m", "launch.bench_unipercept", "--images", "4", "--size", "96",
+    out = subprocess.run([str(unipercept_python), "-m", "launch.bench.unipercept", "--images", "4", "--size", "96",
                           "--batch-sizes", "1,3", "--rounds", "1"], capture_output=True, text=True, timeout=900,
                          env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
     assert out.returncode == 0, out.stderr[-3000:]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(app: str):
-    from actors.reward_serve import ServeConfig
+    from configs.serve import ServeConfig
 
     cfg = ServeConfig.tiny()
     cfg.app_name = app
@@ -29,8 +29,8 @@ def _cfg(app: str):
 def test_served_scores_equal_direct_and_dead_replica_is_replaced(ray_cluster, unipercept_python, unipercept_tiny):
     import ray
 
-    from actors.reward_client import RewardClient
-    from actors.reward_serve import deploy_rewards, replicas, shutdown_rewards, wait_for_replicas
+    from actors.serving.client import RewardClient
+    from actors.serving.deploy import deploy_rewards, replicas, shutdown_rewards, wait_for_replicas
 
     cfg = _cfg("rwup")
     images = np.random.default_rng(5).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
@@ -63,7 +63,7 @@ def test_served_scores_equal_direct_and_dead_replica_is_replaced(ray_cluster, un
 def test_broken_environment_fails_before_deploying(ray_cluster, tmp_path):
     from ray.serve.context import _get_global_client
 
-    from actors.reward_serve import app_name, deploy_rewards
+    from actors.serving.deploy import app_name, deploy_rewards
     from rewards.expert_env import ExpertEnvError
 
     cfg = _cfg("rwbroken")

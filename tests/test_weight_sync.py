@@ -11,10 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from actors.learner_step import ToyBackend
-from actors.weight_sync import (SyncConfig, SyncGroup, WeightReceiver, WeightSyncError, WeightSyncTimeout,
-                                plan_buckets, receive_weights, send_weights)
-from rl.objective import ObjectiveConfig
+from actors.cluster.weight_sync import (
+    SyncGroup,
+    WeightReceiver,
+    WeightSyncError,
+    WeightSyncTimeout,
+    plan_buckets,
+    send_weights,
+)
+from actors.learner.step import ToyBackend
+from configs.learner import SyncConfig
+from rl.grpo.config import ObjectiveConfig
 
 
 def mixed_model(seed: int) -> nn.Module:
@@ -160,7 +167,7 @@ class SilentRollout:
 
 
 def toy_cfg(bucket_mb: float, timeout_s: float) -> SimpleNamespace:
-    from actors.learner import LearnerConfig
+    from configs.learner import LearnerConfig
 
     lc = LearnerConfig.tiny()
     lc.num_ranks, lc.lr, lc.num_cpus_per_rank = 1, 1e-2, 0.5
@@ -174,9 +181,9 @@ def test_learner_to_rollout_actors_bit_exact_then_timeout_then_recover(ray_clust
 
     import ray
     from ray import cloudpickle
-
-    from actors.learner import LearnerGroup
     from test_learner import toy_samples
+
+    from actors.learner.group import LearnerGroup
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
 
@@ -214,7 +221,8 @@ class ShowoRollout(ToyRollout):
     """Receiver holding the same tiny Show-o the learner starts from."""
 
     def __init__(self, sync: SyncConfig):
-        from backbone.build import ConceptSpec, ModelConfig, build_policy
+        from backbone.build import ConceptSpec, build_policy
+        from backbone.config import ModelConfig
 
         self.model = build_policy(ModelConfig.tiny(), [ConceptSpec("bo", "dog")]).model
         self.receiver = WeightReceiver(sync)
@@ -226,10 +234,10 @@ def test_showo_concept_rows_sync_sends_only_the_rows(ray_cluster):
 
     import ray
     from ray import cloudpickle
-
-    from actors.learner import LearnerGroup
-    from actors.learner_step import make_showo_backend
     from test_learner import policy_cfg, showo_samples, showo_setup
+
+    from actors.learner.group import LearnerGroup
+    from actors.learner.step import make_showo_backend
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     policy, concepts, scfg, obj = showo_setup(timesteps=2)

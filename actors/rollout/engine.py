@@ -1,0 +1,322 @@
+"""One GRPO group, end to end, on one device: answer IR → compound prompt → MaskGIT with DSOG → rewards.
+
+Pure orchestration over backbone/rl/rewards code (no Ray here): :class:`actors.rollout.worker.RolloutWorker` wraps it in
+a Ray actor, tests drive it in-process. Every random draw is seeded from (run seed, step, prompt, sample, attempt)
+(design D7), so a group's samples do not depend on which actor produced them or on batching.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from backbone.answer import generate_answers
+from backbone.maskgit import MaskGITSampler
+from backbone.prompts import build_mmu_inputs, build_t2i_inputs
+from rl.grpo.batch import RolloutSample
+from rl.grpo.dsog import DSOGController
+from rl.grpo.seeding import make_generator, sample_seed
+from rl.grpo.tasks import (
+    ConceptPromptTokens,
+    build_compound_prompt,
+    build_understanding_prompt,
+    reward_prompt,
+    sample_task,
+    text_budget,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    """What the engine needs from the reward side (Ray Serve client on the cluster, in-process in tests)."""
+
+    def screen(self, images: np.ndarray, texts: list[str], concepts: list[str]) -> np.ndarray:
+        """DSOG screen scores of preview images, float32 [B]."""
+
+    def score(self, images: np.ndarray, texts: list[str], concepts: list[str], categories: list[str],
+              answers: list[str], candidates: list[list[str]], targets: list[int]) -> tuple[dict, np.ndarray, list]:
+        """(per-expert scores {name: [B]}, total [B], dropped expert names)."""
+
+
+@dataclass
+class GroupRequest:
+    """One prompt's group of G samples to produce."""
+
+    step: int
+    prompt_index: int
+    concept: str
+    threshold: float | None
+    """Current DSOG threshold; None at the first batch (the engine then initialises it from this group)."""
+
+
+@dataclass
+class SampleRequest:
+    """A shard of one prompt's group: the samples ``samples`` (indices into 0..G-1) of (step, prompt_index).
+
+    The unit of sample-level dispatch (actors/driver/dispatch.py). By D7 its result depends only on these fields, not on
+    the actor that runs it. ``threshold`` must be set when the group is split over several requests (a None
+    threshold calibrates from this request's own first-attempt scores); ``screen_only`` asks only for the first
+    attempt's screen scores (the calibration pass of a group whose threshold is not known yet)."""
+
+    step: int
+    prompt_index: int
+    concept: str
+    threshold: float | None
+    samples: tuple[int, ...]
+    """Sample indices of this shard (their seeds, D7), in increasing order."""
+    screen_only: bool = False
+    """Stop after screening attempt 0 of every sample: the result carries ``first_scores`` and no samples."""
+
+
+@dataclass(kw_only=True)
+class RolloutBookkeeping:
+    """What producing samples leaves besides the samples: DSOG attempts, timings and reward-service trouble. A shard
+    (:class:`SampleResult`) carries its own; a group (:class:`GroupResult`) the sum over its shards
+    (:func:`assemble_group`)."""
+
+    attempt_scores: list[float] = field(default_factory=list)
+    """Screen score of every attempt made (kept or not), attempt-major within a shard, shards in sample order."""
+    attempt_accepted: list[bool] = field(default_factory=list)
+    """Whether each attempt passed the threshold (parallel to ``attempt_scores``)."""
+    forced_keeps: int = 0
+    """Samples kept at the attempt cap although below the threshold."""
+    init_threshold: float | None = None
+    """The threshold this shard / group initialised (only when the request carried None)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Rollout-actor seconds per phase (summed over a group's shards): answer, image (MaskGIT), screen, reward."""
+    dropped: list[str] = field(default_factory=list)
+    """Optional reward experts dropped (their weight renormalised away)."""
+    reward_failures: dict[str, int] = field(default_factory=dict)
+    """Failed reward-server attempts (retried or not) per expert while producing the samples."""
+
+
+@dataclass
+class SampleResult(RolloutBookkeeping):
+    """What a shard produced: its samples plus its share of the group's DSOG and reward bookkeeping."""
+
+    request: SampleRequest
+    samples: list[RolloutSample]
+    first_scores: list[float] = field(default_factory=list)
+    """``screen_only``: the first attempt's screen score of each sample, in ``request.samples`` order."""
+
+
+@dataclass
+class GroupResult(RolloutBookkeeping):
+    """A finished group plus what the controller needs to update DSOG and metrics."""
+
+    request: GroupRequest
+    samples: list[RolloutSample]
+
+
+class RolloutEngine:
+    """Produces groups with a policy (model + tokenizer + concept tokens + MAGVIT-v2) and a scorer."""
+
+    def __init__(self, cfg, policy, dataset, scorer: Scorer, device: str | torch.device = "cpu"):
+        self.cfg = cfg
+        self.policy = policy
+        self.dataset = dataset
+        self.scorer = scorer
+        self.device = torch.device(device)
+        self.sampler = MaskGITSampler(policy.model, policy.tok, cfg.sampler)
+
+    # -- seeds ---------------------------------------------------------------------------------------------
+    def _gen(self, req: GroupRequest, sample: int, attempt: int, stream: str) -> torch.Generator:
+        seed = sample_seed(self.cfg.run.seed, req.step, req.prompt_index, sample, attempt, stream)
+        return make_generator(seed, device=self.device)
+
+    def _rng(self, req: GroupRequest, stream: str) -> np.random.Generator:
+        return np.random.default_rng(sample_seed(self.cfg.run.seed, req.step, req.prompt_index, -1, 0, stream))
+
+    def _failure_totals(self) -> dict[str, int]:
+        """Cumulative failed reward attempts of the scorer's backend (Serve client), per expert."""
+        return dict(getattr(getattr(self.scorer, "backend", None), "failure_totals", {}) or {})
+
+    # -- phases --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _answers(self, req, task, question: str, idx: list[int]):
+        tok, rcfg = self.policy.tok, self.cfg.rollout
+        g = len(idx)
+        image_ids = self.policy.vq.encode(task.image[None]).to(self.device)
+        mmu = build_mmu_inputs(tok, image_ids.repeat(g, 1), [question] * g)
+        gens = [self._gen(req, i, 0, "answer") for i in idx]
+        return mmu, generate_answers(self.policy.model, tok, mmu, max_new_tokens=rcfg.answer_max_new_tokens,
+                                     temperature=rcfg.answer_temperature, top_k=rcfg.answer_top_k,
+                                     generators=gens)
+
+    @torch.no_grad()
+    def _t2i(self, prompts: list[str]):
+        return build_t2i_inputs(self.policy.tok, prompts, self.policy.vq.num_tokens,
+                                max_text_len=self.cfg.rollout.max_text_len)
+
+    def _images_with_dsog(self, req, idx, prompts, screen_texts, concept, result: SampleResult):
+        """MaskGIT for every sample with the DSOG screen and redraws; returns finished sampler states per sample.
+
+        ``idx``: the samples' indices in the group (their D7 seeds); lists here are in ``idx`` order, so local
+        position ``i`` draws with the seeds of sample ``idx[i]``."""
+        dcfg = self.cfg.dsog
+        g = len(screen_texts)
+        if not dcfg.enabled:
+            state = self.sampler.start(self._t2i(prompts), [self._gen(req, idx[i], 0, "image") for i in range(g)])
+            state = self.sampler.run(state)
+            return [(state, i) for i in range(g)], [float("nan")] * g, [1] * g
+        threshold = req.threshold
+        best: dict[int, tuple[float, object, int]] = {}
+        kept: dict[int, tuple[object, int]] = {}
+        attempts = [0] * g
+        scores_kept = [float("nan")] * g
+        pending = list(range(g))
+        attempt = 0
+        while pending and attempt < dcfg.max_attempts:
+            state = self.sampler.start(self._t2i([prompts[i] for i in pending]),
+                                       [self._gen(req, idx[i], attempt, "image") for i in pending])
+            state = self.sampler.run(state, stop_after_step=dcfg.screen_step)
+            preview = self.policy.vq.decode_uint8(self.sampler.preview_ids(state))
+            t_screen = time.perf_counter()
+            scores = self.scorer.screen(preview, [screen_texts[i] for i in pending], [concept] * len(pending))
+            result.timings["screen"] = result.timings.get("screen", 0.0) + time.perf_counter() - t_screen
+            if req.screen_only:
+                result.first_scores = [float(x) for x in scores]
+                return None, None, None
+            if threshold is None:
+                threshold = DSOGController.initial_threshold(scores, dcfg)
+                result.init_threshold = threshold
+            still = []
+            for row, i in enumerate(pending):
+                s = float(scores[row])
+                attempts[i] += 1
+                accepted = s > threshold
+                result.attempt_scores.append(s)
+                result.attempt_accepted.append(accepted)
+                if accepted:
+                    kept[i] = (state, row)
+                    scores_kept[i] = s
+                else:
+                    if i not in best or s > best[i][0]:
+                        best[i] = (s, state, row)
+                    still.append(i)
+            pending = still
+            attempt += 1
+        for i in pending:   # attempt cap reached: keep the best-screened attempt (design D6)
+            s, state, row = best[i]
+            kept[i] = (state, row)
+            scores_kept[i] = s
+            result.forced_keeps += 1
+        # resume every kept attempt to the end, batched per originating sampler state
+        finished = {}
+        by_state: dict[int, tuple[object, list[tuple[int, int]]]] = {}
+        for i, (state, row) in kept.items():
+            by_state.setdefault(id(state), (state, []))[1].append((i, row))
+        for state, members in by_state.values():
+            rows = [row for _, row in members]
+            sub = state if rows == list(range(state.batch_size)) else state.select(rows)
+            sub = self.sampler.run(sub)
+            for k, (i, _) in enumerate(members):
+                finished[i] = (sub, k)
+        return [finished[i] for i in range(g)], scores_kept, attempts
+
+    def generate_group(self, req: GroupRequest) -> GroupResult:
+        """Produce the G samples of one prompt in one batch (with rewards; advantages are the controller's job).
+
+        A None threshold is initialised from this group's first-attempt screen scores (D6)."""
+        shard = SampleRequest(step=req.step, prompt_index=req.prompt_index, concept=req.concept,
+                              threshold=req.threshold, samples=tuple(range(self.cfg.rollout.group_size)))
+        return assemble_group(req, [self.generate_samples(shard)])
+
+    def generate_samples(self, req: SampleRequest) -> SampleResult:
+        """Produce the samples ``req.samples`` of one prompt's group (or, ``screen_only``, their first screen
+        scores). By D7 every sample is the same whichever shard or actor produces it, provided the shard's
+        composition is the same (batched float arithmetic may depend on the batch)."""
+        cfg, tok = self.cfg, self.policy.tok
+        idx = [int(i) for i in req.samples]
+        g = len(idx)
+        if g < 1 or len(set(idx)) != g or min(idx) < 0 or max(idx) >= cfg.rollout.group_size:
+            raise ValueError(f"SampleRequest.samples must be distinct indices in 0..{cfg.rollout.group_size - 1}, "
+                             f"got {req.samples}")
+        if req.screen_only and not cfg.dsog.enabled:
+            raise ValueError("SampleRequest.screen_only needs dsog.enabled")
+        info = self.dataset.concept(req.concept).info
+        mcfg = cfg.model
+        tokens = ConceptPromptTokens.from_concept_tokens(
+            self.policy.concepts[req.concept], num_understanding=mcfg.num_understanding_tokens,
+            num_generation=mcfg.num_generation_tokens)
+        result = SampleResult(request=req, samples=[])
+        failures_before = dict(self._failure_totals())
+        t0 = time.perf_counter()
+        task = sample_task(self.dataset, req.concept, self._rng(req, "task"), text_ratio=cfg.data.text_task_ratio,
+                           style=cfg.data.prompt_style)
+        question = build_understanding_prompt(task, tokens)
+        mmu, answers = self._answers(req, task, question, idx)
+        t1 = time.perf_counter()
+        prompts, cuts = [], []
+        for text in answers.texts:
+            cp, cut = build_compound_prompt(task, text, tokens, tok, budget=text_budget(cfg.rollout.max_text_len))
+            prompts.append(cp)
+            cuts.append(cut)
+        screen_texts = [reward_prompt(p, tokens, info.class_word, style=task.style) for p in prompts]
+        finished, screen_scores, attempts = self._images_with_dsog(req, idx, prompts, screen_texts, req.concept,
+                                                                   result)
+        if req.screen_only:
+            result.timings.update(answer=t1 - t0,
+                                  image=time.perf_counter() - t1 - result.timings.get("screen", 0.0))
+            return result
+        t2i = self._t2i(prompts)
+        t2 = time.perf_counter()
+        final_ids = torch.stack([state.trajectory.final_ids[k] for state, k in finished])
+        images = self.policy.vq.decode_uint8(final_ids)
+        if task.kind == "text":
+            candidates, target = task.candidates, task.target_index
+        else:   # visual-instruct: TIER compares with the reference answer (answer mode)
+            candidates, target = [task.reference], -1
+        per_expert, total, dropped = self.scorer.score(
+            images, screen_texts, [req.concept] * g, [info.category] * g,
+            list(answers.texts), [candidates] * g, [target] * g)
+        t3 = time.perf_counter()
+        for i, (state, k) in enumerate(finished):
+            traj = state.trajectory
+            m = answers.mask[i]
+            result.samples.append(RolloutSample(
+                step=req.step, prompt_index=req.prompt_index, sample_index=idx[i], concept=req.concept,
+                category=info.category, task_kind=task.kind,
+                mmu_input_ids=mmu.input_ids[i, mmu.input_ids.shape[1] - mmu.prompt_lens[i]:].cpu().numpy(),
+                answer_ids=answers.ids[i][m].cpu().numpy(),
+                answer_logps=answers.logps[i][m].float().cpu().numpy(), answer_text=answers.texts[i],
+                prompt_text=prompts[i], prompt_cut=cuts[i],
+                t2i_input_ids=t2i.input_ids[i].cpu().numpy(), uncond_input_ids=t2i.uncond_input_ids[i].cpu().numpy(),
+                states=traj.states[k].cpu().numpy(), chosen=traj.chosen[k].cpu().numpy(),
+                image_logps=traj.logps[k].float().cpu().numpy(), final_ids=traj.final_ids[k].cpu().numpy(),
+                image=images[i], screen_score=float(screen_scores[i]), attempts=int(attempts[i]),
+                rewards={name: float(v[i]) for name, v in per_expert.items()}, reward=float(total[i]),
+                advantage=0.0))
+        result.dropped = list(dropped)
+        after = self._failure_totals()
+        result.reward_failures = {k: v - failures_before.get(k, 0) for k, v in after.items()
+                                  if v - failures_before.get(k, 0) > 0}
+        result.timings.update(answer=t1 - t0, image=t2 - t1 - result.timings.get("screen", 0.0), reward=t3 - t2)
+        return result
+
+
+def assemble_group(req: GroupRequest, shards: list[SampleResult]) -> GroupResult:
+    """One GroupResult from a group's shard results (any arrival order): samples in sample order, attempts in shard
+    order, forced keeps / timings / failures summed, dropped experts united."""
+    shards = sorted(shards, key=lambda r: r.request.samples[0])
+    out = GroupResult(request=req, samples=[s for r in shards for s in r.samples])
+    out.samples.sort(key=lambda s: s.sample_index)
+    for r in shards:
+        out.attempt_scores.extend(r.attempt_scores)
+        out.attempt_accepted.extend(r.attempt_accepted)
+        out.forced_keeps += r.forced_keeps
+        for k, v in r.timings.items():
+            out.timings[k] = out.timings.get(k, 0.0) + v
+        for k, v in r.reward_failures.items():
+            out.reward_failures[k] = out.reward_failures.get(k, 0) + v
+        for d in r.dropped:
+            if d not in out.dropped:
+                out.dropped.append(d)
+        if r.init_threshold is not None and out.init_threshold is None:
+            out.init_threshold = r.init_threshold
+    return out
