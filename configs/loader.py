@@ -130,6 +130,20 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def yaml_error(exc: yaml.YAMLError, where: str | Path) -> str:
+    """One line for a YAML parse error: ``where:line:column: invalid YAML: problem (context)`` (1-based, as
+    editors count), instead of the parser's multi-line report with a source excerpt."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    cmark = getattr(exc, "context_mark", None)
+    if context and cmark is not None and mark is not None and cmark.line != mark.line:
+        context += f" that starts at line {cmark.line + 1} column {cmark.column + 1}"
+    text = " ".join((problem + (f" ({context})" if context else "")).split())
+    loc = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(where)
+    return f"{loc}: invalid YAML: {text}"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``a.b.c=value``; the value is read as YAML (so 1e-4, true, [1,2] and null work)."""
     if "=" not in text:
@@ -141,7 +155,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+        raise ConfigError(yaml_error(exc, f"override {text!r}")) from exc
     return key.split("."), value
 
 
@@ -167,9 +181,11 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(yaml_error(exc, path)) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data

@@ -25,7 +25,8 @@ class RolloutConfig:
     max_restarts: int = 2
     """A dead rollout actor (SIGKILL, crash, Ray's OOM kill, lost node) is replaced by a fresh one holding the
     learner's current weights, at any phase, this many times per actor slot in one run; its shards are
-    re-dispatched (D7 keeps them exact). One more death stops the run with an error naming the slot."""
+    re-dispatched (D7 keeps them exact). Counts deaths, not attempts: a replacement that fails while starting is
+    retried without counting. One more death stops the run with an error naming the slot and the cause."""
     max_text_len: int = 128
     """Show-o's text block (max_seq_length): 128 tokens + <|t2i|>; the compound prompt's budget (D9)."""
     group_timeout_s: float = 3600.0

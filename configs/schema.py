@@ -47,6 +47,10 @@ class RunConfig:
     """Checkpoints to keep; older ones are deleted after a newer one is complete."""
     image_grid_every: int = 10
     """Save a PNG grid of generated images every K steps (0 = never)."""
+    samples_every: int = 1
+    """Record every sample of every K-th step in ``<run>/samples/`` (0 = never): ``step_<N>.jsonl`` (one row per
+    sample: task, question, answer, compound prompt, reward text, per-expert rewards, advantage, DSOG attempts) and
+    the kept images as PNG (``python -m launch.inspect <run>`` shows them)."""
     eval_every: int = 0
     """Run the held-out evaluation every K steps (0 = never)."""
     log_every: int = 1
@@ -77,6 +81,8 @@ class RunConfig:
             raise ValueError("run.steps must be >= 0 and run.prompts_per_step >= 1")
         if self.checkpoint_every < 1 or self.keep_last < 1:
             raise ValueError("run.checkpoint_every and run.keep_last must be >= 1")
+        if self.samples_every < 0:
+            raise ValueError(f"run.samples_every must be >= 0 (0 = no sample records), got {self.samples_every}")
         check_trackers(self.trackers)
         self.tracker.validate()
         if self.overlap not in ("none", "one_step"):

@@ -168,8 +168,9 @@ class ServeConfig:
     """Serve application name prefix: expert ``e`` lives in application ``<app_name>-<e>``."""
     http_host: str = LOOPBACK
     """Bind address of Serve's HTTP proxy (loopback unless you mean to expose it)."""
-    http_port: int = 8000
-    """Port of Serve's HTTP proxy (used only when Serve is started here)."""
+    http_port: int = 0
+    """Port of Serve's HTTP proxy (used only when Serve is started here): 0 = a free port the OS picks, so runs on
+    a shared host never collide; set a port when outside clients call the experts' HTTP routes."""
     route_prefix: str = "/rewards"
     """HTTP routes are ``<route_prefix>/<expert>`` for experts with ``http: true``."""
     retry_backoff_s: float = 0.5
@@ -209,4 +210,4 @@ class ServeConfig:
         """CPU test set-up: tiny experts, 0.1 CPU per replica, short timeouts and health checks."""
         return cls(tier=_tiny_expert(), ber=_tiny_expert(), der=_tiny_expert(), fer=_tiny_expert(),
                    clip=_tiny_expert(), unipercept=_tiny_expert(timeout_s=60.0),
-                   http_port=8123, retry_backoff_s=0.2, deploy_timeout_s=300.0)
+                   retry_backoff_s=0.2, deploy_timeout_s=300.0)

@@ -22,7 +22,8 @@ class TrackerConfig:
     wandb_dir: str | None = None
     """Folder wandb writes its ``wandb/`` folder into; None = the run folder (files in ``<run>/wandb/``)."""
     mlflow_tracking_uri: str | None = None
-    """MLflow tracking URI; None = a file store at ``<run>/mlflow``."""
+    """MLflow tracking URI; None = a SQLite store ``sqlite:///<run>/mlflow.db`` (artifacts in
+    ``<run>/mlflow-artifacts``), which ``mlflow ui --backend-store-uri`` opens as it is."""
 
     def validate(self) -> None:
         """Reject impossible values."""

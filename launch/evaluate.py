@@ -1,7 +1,8 @@
 r"""Evaluate a policy on UnifyBench++ (the dataset's held-out test/ data): JSON + Markdown table + PNG grid.
 
 examples:
-    python -m launch.evaluate --config configs/tiny_cpu.yaml --checkpoint runs/tiny-cpu/final --out eval_out
+    python -m launch.evaluate --checkpoint runs/tiny-cpu/final          # writes runs/tiny-cpu/eval/final/
+    python -m launch.evaluate --config configs/tiny_cpu.yaml --checkpoint runs/tiny-cpu/final --out /tmp/ev
     python -m launch.evaluate --checkpoint runs/tiny-cpu/checkpoints/step_000006 --limit 2 eval.images_per_prompt=2
 
 ``--checkpoint``: an export folder (launch.export), a run's ``final/`` folder, a run checkpoint folder
@@ -40,6 +41,23 @@ def checkpoint_config_file(checkpoint: str | os.PathLike | None) -> Path | None:
         if latest is not None and (latest / "config.yaml").is_file():
             return latest / "config.yaml"
     return None
+
+
+def default_out_dir(checkpoint: str | None, cfg) -> Path:
+    """Where results go without ``--out``: ``<run>/eval/<name>`` in the run folder the checkpoint belongs to (its
+    ``final/``, a ``checkpoints/step_N`` folder, or the run folder itself: ``latest``), else in the config's run
+    folder (``<name>`` = the checkpoint's file or folder name, or ``config`` without a checkpoint)."""
+    if checkpoint is None:
+        return Path(cfg.run_dir) / "eval" / "config"
+    p = Path(checkpoint).expanduser().resolve()
+    is_run = lambda d: (d / "config.yaml").is_file() or (d / "checkpoints").is_dir()  # noqa: E731
+    if p.is_dir() and p.parent.name == "checkpoints":
+        return p.parent.parent / "eval" / p.name
+    if p.is_dir() and is_run(p):
+        return p / "eval" / "latest"
+    if p.is_dir() and is_run(p.parent):
+        return p.parent / "eval" / p.name
+    return Path(cfg.run_dir) / "eval" / p.stem
 
 
 def load_cli_config(config: str | None, overrides: list[str], checkpoint: str | None = None):
@@ -82,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (path or name in configs/)")
     p.add_argument("--checkpoint", default=None, help="export / final / run checkpoint / run folder (none = config)")
-    p.add_argument("--out", default="eval_out", help="output folder (results.json, results.md, grid.png, images/)")
+    p.add_argument("--out", default=None, help="output folder (results.json, results.md, grid.png, images/); "
+                   "default: <run>/eval/<checkpoint name> of the run the checkpoint belongs to, else of the config")
     p.add_argument("--limit", type=int, default=None, help="cap on every per-concept list (questions, prompts)")
     p.add_argument("--concepts", default=None, help="comma-separated concepts (default: all)")
     p.add_argument("--device", default="cpu", help="torch device for the policy and the scorers")
@@ -116,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"({sorted(policy.concepts)})")
     result = evaluate_policy(cfg, policy, dataset, limit=args.limit, concepts=names)
     result["checkpoint"] = str(args.checkpoint) if args.checkpoint else None
-    paths = write_eval_outputs(result, args.out)
+    paths = write_eval_outputs(result, args.out or default_out_dir(args.checkpoint, cfg))
     print(Path(paths["markdown"]).read_text())
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     return 0

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -123,11 +124,14 @@ def grpo_overrides(cfg, ckpt_dir, epoch: int | None, concepts: list[str]) -> lis
 
 
 def grpo_command(cfg, overrides: list[str]) -> str:
-    """A ready ``python -m launch.train`` line for the result (tiny_cpu for the tiny preset, else h100x8)."""
+    """A ready ``python -m launch.train`` line for the result (tiny_cpu for the tiny preset, else h100x8) with its
+    own run folder beside the injection's: ``run.output_root`` = the injection's, ``run.name`` = ``<name>-grpo``
+    (without them the job would write into the config's default run folder, shared by every such line)."""
     import shlex
 
     base = "configs/tiny_cpu.yaml" if cfg.model.preset == "tiny" else "configs/h100x8.yaml"
-    return " ".join(["python -m launch.train --config", base, *(shlex.quote(o) for o in overrides)])
+    run = [f"run.output_root={Path(cfg.run_dir).parent}", f"run.name={cfg.run.name}-grpo"]
+    return " ".join(["python -m launch.train --config", base, *(shlex.quote(o) for o in [*overrides, *run])])
 
 
 def _summarise(summary: dict, rep: dict) -> None:

@@ -116,10 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         dataset = prepare(cfg)
     except (ValueError, FileNotFoundError) as exc:   # ConfigError, DatasetError, missing paths: no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)   # one line, whatever the parser wrote
         return 2
-    from actors.driver.checkpoint import CheckpointError
+    from actors.driver.checkpoint import CheckpointError, resume_candidates
 
+    if args.resume and args.resume != "auto":   # a missing or damaged --resume PATH fails before Ray starts
+        quiet = logging.getLogger("actors.driver.checkpoint")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)   # the Trainer repeats the check and logs its warnings
+        try:
+            resume_candidates(cfg.run_dir, args.resume)
+        except CheckpointError as exc:
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        finally:
+            quiet.setLevel(level)
     os.environ[RUN_ENV] = cfg.run.name   # the run label of metrics recorded in this process and the job's actors
     connect_ray(cfg, runtime_env={"env_vars": {RUN_ENV: cfg.run.name,
                                                "RAY_SERVE_LOG_TO_STDERR": os.environ["RAY_SERVE_LOG_TO_STDERR"]}})
@@ -132,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, resume=args.resume, dataset=dataset)
     except CheckpointError as exc:   # a damaged / missing --resume checkpoint, named with the wrong file
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
     def stop_during_setup(signum, frame):   # Trainer.run installs a graceful handler once steps run
@@ -145,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as exc:
         log.warning("%s", exc)
         return 143
+    except CheckpointError as exc:   # no checkpoint could be loaded (each one tried is named in a warning above)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     finally:   # success, error, SIGTERM or Ctrl-C: what the run started (reward applications included) goes
         trainer.shutdown()
     log.info("run finished in %.1fs; outputs in %s", time.perf_counter() - t0, cfg.run_dir)

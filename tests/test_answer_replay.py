@@ -192,8 +192,9 @@ def test_prefix_kv_leaves_give_the_same_gradients(tiny, rollout):
     got = _grads(model)
     model.zero_grad()
     assert ref.keys() == got.keys()
-    for n in ref:
-        assert torch.allclose(ref[n], got[n], atol=1e-5, rtol=1e-4), n
+    for n in ref:   # float32 sums in another order: tolerance relative to each gradient's own scale
+        scale = float(ref[n].abs().max())
+        assert torch.allclose(ref[n], got[n], atol=1e-5 * max(scale, 1.0), rtol=1e-4), n
 
 
 def test_newly_unmasked(tiny, rollout):

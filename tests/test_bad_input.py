@@ -1,12 +1,16 @@
 """Bad input, enumerated: every case gets a clear error naming the problem, and nothing on disk is changed.
 
 One table drives the test; each case builds its own broken input in a temporary folder and states the exception
-type and a substring the message must contain (the key, file or field at fault).
+type and a substring the message must contain (the key, file or field at fault). Each case runs its failing call
+inside ``uses(paths...)``: the content hashes of every file under those paths (the data root, run folder, config or
+weights file the call reads or might write; an absent path must stay absent) are taken right before the call and
+compared right after it, so "nothing on disk changes" is checked on what the case actually touches.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +42,45 @@ def sample(tmp_path_factory):
     return root
 
 
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
+"""The packaged config that ``load_config("tiny_cpu")`` reads."""
+
+
 def _tree_digest(root: Path) -> str:
+    """Content hash of a file, or of a folder's files and sub-folders (names and bytes); absent is a value too."""
+    root = Path(root)
+    if not root.exists():
+        return "absent"
+    if root.is_file():
+        return "file:" + hashlib.sha256(root.read_bytes()).hexdigest()
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode() + (b"/" if p.is_dir() else b":"))
         if p.is_file():
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
+
+
+class DiskWatch:
+    """``with uses(*paths): call()`` hashes ``paths`` before the call and raises AssertionError (replacing the
+    call's own error) naming every path whose content changed, appeared or vanished."""
+
+    def __init__(self):
+        self.paths: list[Path] | None = None
+
+    @contextmanager
+    def __call__(self, *paths):
+        if not paths:
+            raise ValueError("uses(): name the files or folders the call touches")
+        self.paths = [Path(p) for p in paths]
+        before = {p: _tree_digest(p) for p in self.paths}
+        try:
+            yield
+        finally:
+            changed = [str(p) for p in self.paths if _tree_digest(p) != before[p]]
+            if changed:
+                raise AssertionError(f"the failing call changed what it used on disk: {changed}")
 
 
 def _copy(sample: Path, tmp: Path) -> Path:
@@ -56,255 +92,297 @@ def _copy(sample: Path, tmp: Path) -> Path:
 
 
 # -- the cases: (name, fn(sample, tmp) -> None, exception, message fragment) --------------------------------------
-def cfg_unknown_key(sample, tmp):
-    load_config("tiny_cpu", ["run.stepz=3"])
+def cfg_unknown_key(sample, tmp, uses):
+    with uses(TINY_CONFIG):
+        load_config("tiny_cpu", ["run.stepz=3"])
 
 
-def cfg_wrong_type(sample, tmp):
-    load_config("tiny_cpu", ["learner.num_ranks=two"])
+def cfg_wrong_type(sample, tmp, uses):
+    with uses(TINY_CONFIG):
+        load_config("tiny_cpu", ["learner.num_ranks=two"])
 
 
-def cfg_bad_yaml(sample, tmp):
+def cfg_bad_yaml(sample, tmp, uses):
     path = tmp / "bad.yaml"
     path.write_text("run: [unclosed\n")
-    load_config(path)
+    with uses(path):
+        load_config(path)
 
 
-def cfg_not_a_mapping(sample, tmp):
+def cfg_not_a_mapping(sample, tmp, uses):
     path = tmp / "list.yaml"
     path.write_text("- 1\n- 2\n")
-    load_config(path)
+    with uses(path):
+        load_config(path)
 
 
-def cfg_missing_file(sample, tmp):
-    load_config(tmp / "nope.yaml")
+def cfg_missing_file(sample, tmp, uses):
+    with uses(tmp):
+        load_config(tmp / "nope.yaml")
 
 
-def cfg_group_size_one(sample, tmp):
-    load_config("tiny_cpu", ["rollout.group_size=1"])
+def cfg_group_size_one(sample, tmp, uses):
+    with uses(TINY_CONFIG):
+        load_config("tiny_cpu", ["rollout.group_size=1"])
 
 
-def cfg_screen_after_end(sample, tmp):
-    load_config("tiny_cpu", ["dsog.screen_step=20", "sampler.timesteps=12"])
+def cfg_screen_after_end(sample, tmp, uses):
+    with uses(TINY_CONFIG):
+        load_config("tiny_cpu", ["dsog.screen_step=20", "sampler.timesteps=12"])
 
 
-def cfg_unknown_expert(sample, tmp):
-    load_config("tiny_cpu", ["serve.enabled=[tier, vibes]"])
+def cfg_unknown_expert(sample, tmp, uses):
+    with uses(TINY_CONFIG):
+        load_config("tiny_cpu", ["serve.enabled=[tier, vibes]"])
 
 
-def layout_too_many_cpus(sample, tmp):
+def layout_too_many_cpus(sample, tmp, uses):
     roles = [RoleSpec("learner", 4, 4.0, 0.0), RoleSpec("rollout", 3, 4.0, 0.0)]
-    check_fits(plan_layout(roles, PlacementConfig()), roles, "split", {"CPU": 2.0})
+    with uses(tmp):
+        check_fits(plan_layout(roles, PlacementConfig()), roles, "split", {"CPU": 2.0})
 
 
-def layout_too_many_gpus(sample, tmp):
+def layout_too_many_gpus(sample, tmp, uses):
     roles = [RoleSpec("learner", 4, 1.0, 1.0), RoleSpec("rollout", 3, 1.0, 1.0)]
-    check_fits(plan_layout(roles, PlacementConfig()), roles, "split", {"CPU": 64.0, "GPU": 4.0})
+    with uses(tmp):
+        check_fits(plan_layout(roles, PlacementConfig()), roles, "split", {"CPU": 64.0, "GPU": 4.0})
 
 
-def resume_missing_checkpoint(sample, tmp):
-    resolve_resume(tmp, str(tmp / "checkpoints" / "step_000009"))
+def resume_missing_checkpoint(sample, tmp, uses):
+    with uses(tmp):
+        resolve_resume(tmp, str(tmp / "checkpoints" / "step_000009"))
 
 
-def resume_half_written_checkpoint(sample, tmp):
+def resume_half_written_checkpoint(sample, tmp, uses):
     half = tmp / "checkpoints" / "step_000004"
     half.mkdir(parents=True)
     (half / "state.json").write_text("{}")        # no COMPLETE marker: a write that died half-way
-    resolve_resume(tmp, str(half))
+    with uses(tmp):
+        resolve_resume(tmp, str(half))
 
 
-def showo_weights_missing(sample, tmp):
-    build_policy(ModelConfig(preset="tiny", tokenizer_path="builtin:tiny", showo_path=str(tmp / "none.safetensors"),
-                             magvit_path=str(tmp / "none2")), [])
+def showo_weights_missing(sample, tmp, uses):
+    with uses(tmp):
+        build_policy(ModelConfig(preset="tiny", tokenizer_path="builtin:tiny", showo_path=str(tmp / "none.safetensors"),
+                                 magvit_path=str(tmp / "none2")), [])
 
 
-def showo_weights_wrong_shape(sample, tmp):
+def showo_weights_wrong_shape(sample, tmp, uses):
     from safetensors.torch import save_file
 
     model = ShowoPhi(ShowoPhiConfig.tiny())
     sd = {f"showo.{k}": v.clone() for k, v in model.state_dict().items()}
     sd["showo.lm_head.bias"] = torch.zeros(7)
     save_file(sd, str(tmp / "model.safetensors"))
-    load_showo_state_dict(ShowoPhi(ShowoPhiConfig.tiny()), tmp / "model.safetensors")
+    with uses(tmp):
+        load_showo_state_dict(ShowoPhi(ShowoPhiConfig.tiny()), tmp / "model.safetensors")
 
 
-def concept_checkpoint_wrong_shape(sample, tmp):
+def concept_checkpoint_wrong_shape(sample, tmp, uses):
     policy = build_policy(ModelConfig.tiny(), [ConceptSpec("bo", "dog")])
     ct = policy.concepts["bo"]
     hidden = policy.model.config.hidden_size
     torch.save(torch.zeros(3, hidden), tmp / "epoch_5_embed.pt")
     torch.save(torch.zeros(3, hidden), tmp / "epoch_5_lm_head_weight.pt")
     torch.save(torch.zeros(3), tmp / "epoch_5_lm_head_bias.pt")
-    load_concept_checkpoint(policy.model, ct, tmp, epoch=5)
+    with uses(tmp):
+        load_concept_checkpoint(policy.model, ct, tmp, epoch=5)
 
 
-def concept_checkpoint_missing(sample, tmp):
+def concept_checkpoint_missing(sample, tmp, uses):
     policy = build_policy(ModelConfig.tiny(), [ConceptSpec("bo", "dog")])
-    load_concept_checkpoint(policy.model, policy.concepts["bo"], tmp, epoch=15)
+    with uses(tmp):
+        load_concept_checkpoint(policy.model, policy.concepts["bo"], tmp, epoch=15)
 
 
-def tokenizer_missing(sample, tmp):
-    build_policy(ModelConfig(preset="tiny", random_init=True, tokenizer_path=str(tmp / "phi-1_5")), [])
+def tokenizer_missing(sample, tmp, uses):
+    with uses(tmp):
+        build_policy(ModelConfig(preset="tiny", random_init=True, tokenizer_path=str(tmp / "phi-1_5")), [])
 
 
-def reward_weights_missing_der(sample, tmp):
-    build_expert("der", {"model_path": str(tmp / "dinov2-base")})
+def reward_weights_missing_der(sample, tmp, uses):
+    with uses(tmp):
+        build_expert("der", {"model_path": str(tmp / "dinov2-base")})
 
 
-def reward_weights_missing_fer(sample, tmp):
-    build_expert("fer", {"weights_path": str(tmp / "vggface2.pt")})
+def reward_weights_missing_fer(sample, tmp, uses):
+    with uses(tmp):
+        build_expert("fer", {"weights_path": str(tmp / "vggface2.pt")})
 
 
-def data_missing_info(sample, tmp):
+def data_missing_info(sample, tmp, uses):
     root = _copy(sample, tmp)
     (root / "concept" / "train" / "chelsea" / "info.json").unlink()
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_bad_json(sample, tmp):
+def data_bad_json(sample, tmp, uses):
     root = _copy(sample, tmp)
     (root / "concept" / "train" / "cuppa" / "info.json").write_text("{not json")
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_broken_image(sample, tmp):
+def data_broken_image(sample, tmp, uses):
     root = _copy(sample, tmp)
     img = next((root / "concept" / "train" / "astro").glob("*.png"))
     img.write_bytes(img.read_bytes()[:100])
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_empty_image(sample, tmp):
+def data_empty_image(sample, tmp, uses):
     root = _copy(sample, tmp)
     img = next((root / "concept" / "train" / "astro").glob("*.png"))
     img.write_bytes(b"")
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_huge_image(sample, tmp):
+def data_huge_image(sample, tmp, uses):
     from rl.data.reader import DataConfig
 
     root = _copy(sample, tmp)
     img = next((root / "concept" / "train" / "chelsea").glob("*.png"))
     Image.new("RGB", (300, 300)).save(img)
-    load_concept_dataset(root, config=DataConfig(max_image_pixels=200 * 200))
+    with uses(root):
+        load_concept_dataset(root, config=DataConfig(max_image_pixels=200 * 200))
 
 
-def data_unknown_concept(sample, tmp):
-    load_concept_dataset(sample, concepts=["nobody"])
+def data_unknown_concept(sample, tmp, uses):
+    with uses(sample):
+        load_concept_dataset(sample, concepts=["nobody"])
 
 
-def data_missing_answer_item(sample, tmp):
+def data_missing_answer_item(sample, tmp, uses):
     root = _copy(sample, tmp)
     path = root / "concept" / "train" / "cuppa" / "reasoning.json"   # the optional override
     path.write_text(json.dumps([{"prompt": "A photo of <cuppa> on a table.", "answer_index": 99}]))
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
 def _edit(path, fn):
     path.write_text(json.dumps(fn(json.loads(path.read_text()))))
 
 
-def data_info_wrong_type(sample, tmp):
+def data_info_wrong_type(sample, tmp, uses):
     root = _copy(sample, tmp)
     (root / "concept" / "train" / "chelsea" / "info.json").write_text('["not", "an", "object"]')
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_extra_info_wrong_type(sample, tmp):
+def data_extra_info_wrong_type(sample, tmp, uses):
     root = _copy(sample, tmp)
     _edit(root / "concept" / "train" / "chelsea" / "info.json", lambda d: {**d, "extra_info": "one fact"})
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_empty_extra_info_with_text_tasks(sample, tmp):
+def data_empty_extra_info_with_text_tasks(sample, tmp, uses):
     from rl.data.reader import check_training_use
 
     root = _copy(sample, tmp)
     _edit(root / "concept" / "train" / "cuppa" / "info.json", lambda d: {**d, "extra_info": []})
-    check_training_use(load_concept_dataset(root), text_task_ratio=0.5)
+    with uses(root):
+        check_training_use(load_concept_dataset(root), text_task_ratio=0.5)
 
 
-def data_no_usable_reference(sample, tmp):
+def data_no_usable_reference(sample, tmp, uses):
     root = _copy(sample, tmp)
     _edit(root / "concept" / "train" / "train_images.json", lambda d: {**d, "astro": ["gone.png"]})
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_truncated_image(sample, tmp):
+def data_truncated_image(sample, tmp, uses):
     root = _copy(sample, tmp)
     img = root / "concept" / "train" / "train_images.json"
     ref = root / "concept" / "train" / "chelsea" / "cropped" / "3.png"
     ref.write_bytes(ref.read_bytes()[:-40])   # the IEND chunk and the end of the pixel data cut off
     assert img.exists()
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_not_utf8(sample, tmp):
+def data_not_utf8(sample, tmp, uses):
     root = _copy(sample, tmp)
     path = root / "concept" / "train" / "astro" / "conversations.json"
     path.write_bytes(path.read_text().replace("spacesuit", "spacesuit\u00e9").encode("latin-1"))
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_unsafe_concept_name(sample, tmp):
+def data_unsafe_concept_name(sample, tmp, uses):
     root = _copy(sample, tmp)
     (root / "concepts_list.json").write_text(json.dumps(["astro", "../x"]))
-    load_concept_dataset(root)
+    with uses(tmp):   # the data root and the folder a "../x" concept would escape to
+        load_concept_dataset(root)
 
 
-def data_category_not_derivable(sample, tmp):
+def data_category_not_derivable(sample, tmp, uses):
     root = _copy(sample, tmp)
     _edit(root / "concept" / "train" / "cuppa" / "info.json",
           lambda d: {k: v for k, v in d.items() if k not in ("conversation_type", "generation_type")})
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_t2i_conditions_wrong_type(sample, tmp):
+def data_t2i_conditions_wrong_type(sample, tmp, uses):
     root = _copy(sample, tmp)
     (root / "concept" / "test" / "chelsea" / "t2i_conditions.json").write_text('"A photo of <chelsea>."')
-    load_concept_dataset(root)
+    with uses(root):
+        load_concept_dataset(root)
 
 
-def data_test_item_unknown_type(sample, tmp):
+def data_test_item_unknown_type(sample, tmp, uses):
     root = _copy(sample, tmp)
     _edit(root / "test_data" / "astro.json", lambda d: d[:1] + [{**d[0], "type": "caption"}])
-    load_concept_dataset(root, include_test=True)
+    with uses(root):
+        load_concept_dataset(root, include_test=True)
 
 
-def eval_prompts_to_eval_missing(sample, tmp):
+def eval_prompts_to_eval_missing(sample, tmp, uses):
     from rl.eval.items import resolve_prompts_to_eval
 
-    resolve_prompts_to_eval(str(tmp / "prompts_to_eval.json"), sample)
+    with uses(tmp, sample):
+        resolve_prompts_to_eval(str(tmp / "prompts_to_eval.json"), sample)
 
 
-def human_without_face(sample, tmp):
+def human_without_face(sample, tmp, uses):
     expert = build_expert("fer", "tiny")
     noise = np.random.default_rng(0).integers(0, 255, (2, 160, 160, 3), dtype=np.uint8)
-    expert.add_reference("astro", list(noise), category="human")
+    with uses(tmp):
+        expert.add_reference("astro", list(noise), category="human")
 
 
-def human_references_without_face_before_ray(sample, tmp):
+def human_references_without_face_before_ray(sample, tmp, uses):
     from launch.train import prepare
 
     root = _copy(sample, tmp)
     noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
     for img in (root / "concept" / "train" / "astro").glob("*.png"):
         Image.fromarray(noise).save(img)
-    prepare(load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={tmp / 'runs'}"]))
+    with uses(root, tmp / "runs", TINY_CONFIG):
+        prepare(load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={tmp / 'runs'}"]))
 
 
-def expert_returns_nan(sample, tmp):
-    RewardEnsemble().combine({"tier": np.array([0.5], np.float32), "ber": np.array([np.nan], np.float32),
-                              "der": np.array([0.2], np.float32)}, ["animal"])
+def expert_returns_nan(sample, tmp, uses):
+    with uses(tmp):
+        RewardEnsemble().combine({"tier": np.array([0.5], np.float32), "ber": np.array([np.nan], np.float32),
+                                  "der": np.array([0.2], np.float32)}, ["animal"])
 
 
-def score_batch_wrong_dtype(sample, tmp):
-    ScoreBatch(images=np.zeros((2, 8, 8, 3), np.float32), texts=["a", "b"]).validate()
+def score_batch_wrong_dtype(sample, tmp, uses):
+    with uses(tmp):
+        ScoreBatch(images=np.zeros((2, 8, 8, 3), np.float32), texts=["a", "b"]).validate()
 
 
-def score_batch_empty(sample, tmp):
-    ScoreBatch(texts=[]).validate()
+def score_batch_empty(sample, tmp, uses):
+    with uses(tmp):
+        ScoreBatch(texts=[]).validate()
 
 
 CASES = [
@@ -358,7 +436,31 @@ CASES = [
 @pytest.mark.parametrize("name,fn,exc,fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_rejected_clearly_and_nothing_on_disk_changes(sample, tmp_path, name, fn, exc, fragment):
     before = _tree_digest(sample)
+    uses = DiskWatch()
     with pytest.raises(exc) as info:
-        fn(sample, tmp_path)
+        fn(sample, tmp_path, uses)
+    assert uses.paths, f"{name}: the case must run its failing call inside uses(...)"
     assert fragment.lower() in str(info.value).lower(), f"{name}: message {str(info.value)!r} lacks {fragment!r}"
     assert _tree_digest(sample) == before, f"{name}: the shared sample dataset was modified"
+
+
+def test_disk_watch_sees_changes_additions_and_removals(tmp_path):
+    """The check itself can fail: a changed byte, a new file, a new empty folder or a removed file is reported, even
+    when the watched call raised (its error is replaced)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f.json").write_text("{}")
+    changes = [lambda: (tmp_path / "a" / "f.json").write_text("{ }"), lambda: (tmp_path / "a" / "g").write_text(""),
+               lambda: (tmp_path / "a" / "d").mkdir(), lambda: (tmp_path / "a" / "f.json").unlink()]
+    for change in changes:
+        uses = DiskWatch()
+        with pytest.raises(AssertionError, match="changed what it used"):
+            with uses(tmp_path / "a"):
+                change()
+                raise ValueError("the expected error")
+    uses = DiskWatch()
+    with pytest.raises(AssertionError, match="runs"):
+        with uses(tmp_path / "runs"):        # an absent run folder must stay absent
+            (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match="expected"):
+        with DiskWatch()(tmp_path):            # nothing changed: the call's own error comes through
+            raise ValueError("expected")

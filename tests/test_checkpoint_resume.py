@@ -125,7 +125,7 @@ class _StubLearners:
 
 def _stub_trainer(tmp_path, resume=None, sigterm_at=None) -> Trainer:
     cfg = load_config("tiny_cpu", [f"run.output_root={tmp_path}", "run.steps=4", "run.checkpoint_every=3",
-                                   "run.image_grid_every=2"])
+                                   "run.image_grid_every=2", "run.samples_every=0"])   # stub samples: no records
     trainer = Trainer(cfg, resume=resume)
     trainer.learners, trainer.concepts = _StubLearners(), ["astro", "chelsea"]
     trainer.dispatcher, trainer.workers = SimpleNamespace(redispatched=0), []

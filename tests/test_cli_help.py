@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-JOBS = ["train", "inject", "scale", "evaluate", "generate", "export", "make_sample_data", "config_docs"]
+JOBS = ["train", "inject", "scale", "evaluate", "generate", "export", "make_sample_data", "config_docs", "new_concept"]
 HEAVY = ("torch", "ray", "transformers", "deepspeed", "numpy")
 
 PROBE = """

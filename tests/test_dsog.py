@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rl.grpo.config import DSOGConfig
-from rl.grpo.dsog import AttemptLoop, DSOGController, select_attempt
+from rl.grpo.dsog import AttemptBatch, AttemptLoop, DSOGController, select_attempt
 
 G = 9  # samples per batch
 
@@ -166,3 +166,76 @@ def test_explicit_initialization_api():
     assert ctrl.initialized and ctrl.threshold == 0.6
     ctrl.observe_batch([0.1, 0.2], [False, False])  # already initialised: the rule applies (goes down)
     assert ctrl.threshold < 0.6
+
+
+def _run_batch(batch: AttemptBatch, rounds):
+    """Offer scripted per-round scores (one per pending sample) until the batch is done; returns what ended each
+    round."""
+    ended = []
+    for scores in rounds:
+        assert len(scores) == len(batch.pending)
+        ended.append(batch.offer(scores))
+        if batch.done:
+            return ended
+    raise AssertionError("scripted rounds ran out")
+
+
+def test_attempt_batch_rounds_forced_ties_and_resume_plan():
+    """Round by round over 4 samples: passes leave, the rest are redrawn as a smaller batch; at the cap the first
+    best-screened attempt is kept (a tie keeps the earlier one); every sample's decision is select_attempt's."""
+    b = AttemptBatch(4, threshold=0.5, max_attempts=3)
+    assert b.round == 0 and b.pending == [0, 1, 2, 3]
+    ended = _run_batch(b, [[0.2, 0.9, 0.4, 0.1], [0.6, 0.4, 0.3], [0.4, 0.05]])
+    assert ended == [[1], [0], [2, 3]] and b.round == 3 and b.members == [[0, 1, 2, 3], [0, 2, 3], [2, 3]]
+    assert b.scores == [0.2, 0.9, 0.4, 0.1, 0.6, 0.4, 0.3, 0.4, 0.05]
+    assert b.passed == [False, True, False, False, True, False, False, False, False]
+    res = b.results
+    assert [(r.kept_index, r.forced, r.attempts) for r in res] == [(1, False, 2), (0, False, 1), (0, True, 3),
+                                                                    (1, True, 3)]
+    per_sample = {0: [0.2, 0.6], 1: [0.9], 2: [0.4, 0.4, 0.4], 3: [0.1, 0.3, 0.05]}
+    for i, scores in per_sample.items():
+        assert select_attempt(scores, 0.5, 3) == res[i]          # the one rule, sample by sample
+    assert b.forced == 2 and b.init_threshold is None
+    # passed attempts by (round, sample), then forced keeps by sample; rows are positions in the drawing round
+    assert b.resume_plan() == [(0, [(1, 1), (2, 2)]), (1, [(0, 0), (3, 2)])]
+    assert b.live_rounds() == {0, 1}
+    with pytest.raises(RuntimeError, match="already ended"):
+        b.offer([0.1])
+
+
+def test_attempt_batch_first_round_calibrates_and_is_judged():
+    """No threshold + ``calibrate``: the first round's scores set T₀ (the (1 − TPR) quantile) and that round is
+    screened against it, as the rollout engine has always done on the first step: only ~TPR of the first attempts
+    pass, not all of them (the divergence a bare uncalibrated AttemptLoop would hide)."""
+    cfg = DSOGConfig(max_attempts=2)
+    first = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    b = AttemptBatch(8, threshold=None, max_attempts=2, calibrate=cfg)
+    ended = b.offer(first)
+    t0 = DSOGController.initial_threshold(first, cfg)
+    assert b.init_threshold == t0 == b.threshold and 0.6 < t0 < 0.7
+    assert ended == [6, 7] and b.passed == [s > t0 for s in first]
+    b.offer([0.9, 0.1, 0.1, 0.1, 0.1, 0.1])
+    assert b.done and b.forced == 5 and [r.attempts for r in b.results] == [2] * 6 + [1, 1]
+    # a fixed initial threshold is used as is; without calibrate every first attempt passes
+    assert AttemptBatch(2, None, 2, calibrate=DSOGConfig(initial_threshold=0.15)).offer([0.1, 0.2]) == [1]
+    plain = AttemptBatch(3, None, 4)
+    assert plain.offer([-5.0, 0.0, 3.0]) == [0, 1, 2] and plain.init_threshold is None and plain.forced == 0
+
+
+def test_attempt_batch_live_rounds_track_the_best_and_input_checks():
+    """Only rounds holding a kept (or at-the-cap-kept) attempt stay live; wrong lengths and NaN scores raise."""
+    b = AttemptBatch(2, threshold=0.9, max_attempts=3)
+    b.offer([0.5, 0.1])
+    assert b.live_rounds() == {0}
+    b.offer([0.4, 0.3])                 # sample 1's best moves to round 1, sample 0's stays in round 0
+    assert b.live_rounds() == {0, 1}
+    b.offer([0.95, 0.2])                # sample 0 passes in round 2, sample 1 is forced with its round-1 attempt
+    assert b.live_rounds() == {1, 2} and b.resume_plan() == [(2, [(0, 0)]), (1, [(1, 1)])]
+    with pytest.raises(ValueError, match="2 pending"):
+        AttemptBatch(2, 0.5, 2).offer([0.1])
+    with pytest.raises(ValueError, match="finite"):
+        AttemptBatch(2, 0.5, 2).offer([0.1, float("nan")])
+    with pytest.raises(ValueError, match="finite"):
+        AttemptBatch(2, None, 2, calibrate=DSOGConfig()).offer([0.1, float("inf")])
+    with pytest.raises(RuntimeError, match="pending"):
+        AttemptBatch(2, 0.5, 2).results

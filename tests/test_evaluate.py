@@ -209,7 +209,8 @@ def test_pluggable_judge_fills_the_dense_metrics(env, tmp_path):
         scorers = EvalScorers(clip=env.scorers.clip, judge=build_judge("fake"))
         res = evaluate_policy(env.cfg, env.policy, env.ds, scorers, limit=1, concepts=["cuppa"])
         m = res["concepts"]["cuppa"]["metrics"]
-        segs = M.segment_prompt(res["concepts"]["cuppa"]["items"]["generation"][-1]["clip_text"])
+        last = res["concepts"]["cuppa"]["items"]["generation"][-1]   # judged on its t2i_conditions prompt
+        segs = M.segment_prompt(last["judge_prompt"].replace("<cuppa>", env.ds.concept("cuppa").info.class_word))
         assert m["dense_rea"] == 0.25 and m["dense_gen"] == pytest.approx(1 / len(segs))
         assert res["judge"] == "fake" and res["not_computed"] == {}
         md = write_eval_outputs(res, tmp_path)["markdown"].read_text()

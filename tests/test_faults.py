@@ -131,14 +131,14 @@ def test_dead_learner_rank_rebuilds_the_group_from_the_last_checkpoint(ray_clust
     thread = threading.Thread(target=kill_rank_after_first_step, daemon=True)
     thread.start()
     try:
-        with caplog.at_level("ERROR", logger="actors.driver.recovery"):
+        with caplog.at_level("ERROR", logger="actors.driver.supervisor"):
             history = trainer.run()
         ranks = trainer.learners.state_dicts()
     finally:
         trainer.shutdown()
     thread.join()
     assert trainer.learner_restarts == 1
-    assert any("rebuilding it from" in r.getMessage() for r in caplog.records)
+    assert any("rebuilding the learner group from" in r.getMessage() for r in caplog.records)
     assert [m["step"] for m in history] == [0, 1, 2]
     assert [json.loads(x)["step"] for x in metrics_file.read_text().splitlines()] == [0, 1, 2]
     for key in ranks[0]:                      # the rebuilt ranks agree bit for bit

@@ -296,7 +296,9 @@ def test_inject_then_grpo_job_with_the_printed_command(root, tmp_path, ray_clust
     if "mlflow" in trackers:   # the trainer's trackers got the step's scalars, the grid and the reward curves
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=(tmp_path / "grpo" / "mlflow").as_uri())
+        from actors.telemetry.trackers import mlflow_store_uri
+
+        client = MlflowClient(tracking_uri=mlflow_store_uri(tmp_path / "grpo"))
         (mrun,) = client.search_runs([client.get_experiment_by_name("unictask-grpo").experiment_id])
         assert mrun.data.metrics["reward/total"] == pytest.approx(recs[0]["reward/total"])
         arts = {a.path for a in client.list_artifacts(mrun.info.run_id)} | {

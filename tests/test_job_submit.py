@@ -92,10 +92,11 @@ def readme_cluster_lines() -> dict[str, str]:
     lines = block.replace("\\\n", " ").splitlines()
     out = {}
     for line in (x.split("#", 1)[0].strip() for x in lines):
-        for key, marker in (("export", "export "), ("start", "ray start"), ("submit", "ray job submit")):
+        for key, marker in (("export", "export "), ("token", "get-auth-token"), ("start", "ray start"),
+                            ("submit", "ray job submit")):
             if marker in line and key not in out:
                 out[key] = re.sub(r"\s+", " ", line)
-    assert set(out) == {"export", "start", "submit"}, out
+    assert set(out) == {"export", "token", "start", "submit"}, out
     return out
 
 
@@ -104,7 +105,7 @@ def dashboard_series() -> set[str]:
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
-    return {m for e in exprs for m in re.findall(r"\bray_[a-z0-9_]+", e)}
+    return {m for e in exprs for m in re.findall(r"\bray_[a-z0-9_]+(?=\s*[{,])", e)}   # names, not the ray_job_id label
 
 
 def scrape(port: int) -> str:
@@ -138,7 +139,8 @@ def test_readme_submit_lines_run_the_tiny_config(tmp_path, sample_root):
     out = tmp_path / "runs"
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")   # short: Ray's socket paths must stay < 108 chars
     gcs, dash, client, agent_http, agent_grpc, metrics, serve_http = _free_ports(7)
-    env = clean_env()
+    env = dict(clean_env(), HOME=str(tmp_path / "home"))   # ~/.ray/auth_token is the test's own (README token line)
+    (tmp_path / "home").mkdir()
     probe = subprocess.run(["bash", "-c", "command -v python || true"], env=env, capture_output=True, text=True)
     assert not probe.stdout.strip().startswith(str(VENV)), "the test shell must not have the venv on PATH"
     # `export UNICTASK_VENV=$PWD/.venv ...`: here the environment lives elsewhere, so point the variable at it
@@ -152,7 +154,7 @@ def test_readme_submit_lines_run_the_tiny_config(tmp_path, sample_root):
         f" data.root={sample_root} serve.http_port={serve_http} rollout.group_size=3 sampler.timesteps=8"
         " dsog.screen_step=3 rollout.answer_max_new_tokens=8 run.checkpoint_every=1 run.image_grid_every=1")
     assert "--runtime-env configs/runtime_env.yaml" in submit and " python -m launch.train " in submit
-    head = subprocess.Popen(["bash", "-c", f"{exports} && exec {start}"], cwd=REPO, env=env,
+    head = subprocess.Popen(["bash", "-c", f"{exports} && {lines['token']} && exec {start}"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     seen: dict[str, list[str]] = {}
@@ -213,7 +215,7 @@ def test_readme_submit_lines_run_the_tiny_config(tmp_path, sample_root):
     missing = sorted(m for m in dashboard_series() if m not in scraped)
     assert not missing, (missing, sorted(n for n in names if n.startswith(("ray_grpo", "ray_reward"))))
     for name in ("ray_grpo_reward_total", "ray_grpo_steps_total", "ray_reward_serve_replicas"):
-        assert any('run="tiny-cpu"' in x and 'job="' in x for x in seen[name]), seen[name][:3]
+        assert any('run="tiny-cpu"' in x and 'ray_job_id="' in x for x in seen[name]), seen[name][:3]
     (tmp_path / "scraped_series.txt").write_text("\n".join(sorted(names)))
     for name in sorted(n for n in names if n.startswith(("ray_grpo", "ray_reward"))):
         print("scraped:", seen[name][-1])

@@ -104,7 +104,7 @@ def test_custom_metrics_reach_the_prometheus_endpoint(ray_cluster, tmp_path):
         assert any(line.startswith(name + "{") for line in ours), (name, ours[:5])
     total = next(line for line in ours if line.startswith("ray_grpo_reward_total{"))
     assert float(total.rsplit(" ", 1)[1]) == pytest.approx(0.5)
-    assert f'job="{ray.get_runtime_context().get_job_id()}"' in total
+    assert f'ray_job_id="{ray.get_runtime_context().get_job_id()}"' in total
     logger.close()
 
 

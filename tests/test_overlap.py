@@ -198,7 +198,7 @@ def test_actor_killed_during_the_overlapped_phase(case, overlapped, tmp_path, sa
     extra = ["rollout.num_workers=2"] if case == "rollout, peer alive" else []
     fired: list = []
     hook = (_kill_learner_at_overlap if case == "learner" else _kill_rollout_at_overlap)(fired)
-    with caplog.at_level("WARNING", logger="actors.driver.recovery"):
+    with caplog.at_level("WARNING", logger="actors.driver.supervisor"):
         got = _run(make_trainer_factory(), tmp_path, sample_root, extra, hook=hook)
     assert fired
     messages = [r.getMessage() for r in caplog.records]

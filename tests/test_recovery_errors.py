@@ -1,4 +1,4 @@
-"""Which errors mean "an actor died" (actors/driver/recovery.py): one list, used by the dispatcher and the controller."""
+"""Which errors mean "an actor died" (actors/cluster/deaths.py): one list, used by the dispatcher and the controller."""
 from __future__ import annotations
 
 from ray.exceptions import (
@@ -12,7 +12,7 @@ from ray.exceptions import (
 )
 
 from actors.driver.dispatch import RolloutLost
-from actors.driver.recovery import ACTOR_DEATH_ERRORS, is_actor_death
+from actors.cluster.deaths import ACTOR_DEATH_ERRORS, is_actor_death
 
 
 def test_every_ray_death_cause_counts_and_service_errors_do_not():

@@ -95,3 +95,78 @@ def test_shards_screen_only_and_assembly(engine):
     assert again.samples[0].reward == shards[1].samples[0].reward
     with pytest.raises(ValueError, match="samples must be distinct"):
         engine.generate_samples(dataclasses.replace(shard_group(calibrated, g, 1)[0], samples=(0, 0)))
+
+
+def _rounds(res, g: int) -> list[list[float]]:
+    """Split a shard's attempt-major screen log into rounds: round r holds the samples with more than r attempts."""
+    attempts = [s.attempts for s in sorted(res.samples, key=lambda s: s.sample_index)]
+    log, out, pos = list(res.attempt_scores), [], 0
+    for r in range(max(attempts)):
+        n = sum(a > r for a in attempts)
+        out.append(log[pos:pos + n])
+        pos += n
+    assert pos == len(log) and len(attempts) == g
+    return out
+
+
+@pytest.mark.parametrize("threshold", [None, "mid"])
+def test_engine_decisions_are_the_dsog_rule(engine, threshold):
+    """Replaying the engine's screen scores through rl.grpo.dsog's AttemptBatch (the one attempt rule) gives the
+    engine's decisions: passed flags, attempts, forced keeps, kept screen scores and the first step's calibrated
+    threshold. On the uncalibrated first step the calibrated T₀ judges the first attempts too (not all pass)."""
+    from rl.grpo.dsog import AttemptBatch, select_attempt
+
+    g, cap = engine.cfg.rollout.group_size, engine.cfg.dsog.max_attempts
+    if threshold == "mid":
+        probe = engine.generate_group(GroupRequest(step=5, prompt_index=2, concept="astro", threshold=None))
+        threshold = float(np.median(probe.attempt_scores))
+    res = engine.generate_group(GroupRequest(step=5, prompt_index=2, concept="astro", threshold=threshold))
+    rule = AttemptBatch(g, threshold, cap, calibrate=engine.cfg.dsog)
+    for scores in _rounds(res, g):
+        rule.offer(np.asarray(scores, dtype=np.float32))
+    assert rule.done and rule.passed == res.attempt_accepted and rule.forced == res.forced_keeps
+    assert rule.init_threshold == res.init_threshold
+    used = threshold if threshold is not None else res.init_threshold
+    for s, r in zip(res.samples, rule.results):
+        assert (s.attempts, s.screen_score) == (r.attempts, r.kept_score)
+        assert (s.attempt_scores, s.forced) == (r.scores, r.forced)   # the sample's own DSOG record agrees
+        assert select_attempt(r.scores, used, cap) == r
+    if threshold is None:
+        assert not all(res.attempt_accepted[:g])
+
+
+class _ScriptedScreen:
+    """The local scorer with scripted DSOG screen scores, one list per screen call (the rewards stay real)."""
+
+    def __init__(self, base, rounds):
+        self.base, self.rounds, self.calls = base, [list(r) for r in rounds], 0
+
+    def screen(self, images, texts, concepts):
+        out = np.asarray(self.rounds[self.calls], dtype=np.float32)
+        assert len(out) == len(images) == len(texts), (len(out), len(images))
+        self.calls += 1
+        return out
+
+    def score(self, *args):
+        return self.base.score(*args)
+
+
+def test_forced_keep_resumes_the_kept_attempt(engine):
+    """Sample 0 passes in round 0, sample 2 in round 1, sample 1 ties at the cap and keeps its first attempt: each
+    finished image continues the attempt the rule kept (its pre-pause MaskGIT steps are that attempt's)."""
+    g, cap, k = engine.cfg.rollout.group_size, engine.cfg.dsog.max_attempts, engine.cfg.dsog.screen_step
+    assert (g, cap) == (3, 2)
+    req = dict(step=4, prompt_index=0, concept="chelsea")
+    scripted = RolloutEngine(engine.cfg, engine.policy, engine.dataset,
+                             _ScriptedScreen(engine.scorer, [[0.9, 0.4, 0.1], [0.4, 0.7]]))
+    res = scripted.generate_group(GroupRequest(threshold=0.5, **req))
+    assert scripted.scorer.calls == 2
+    assert [s.attempts for s in res.samples] == [1, 2, 2] and res.forced_keeps == 1
+    assert res.attempt_accepted == [True, False, False, False, True]
+    assert [s.screen_score for s in res.samples] == [float(np.float32(x)) for x in (0.9, 0.4, 0.7)]
+    # the same round-0 batch with everything passing: samples 0 and 1 kept attempt 0, sample 2 did not
+    first = RolloutEngine(engine.cfg, engine.policy, engine.dataset, _ScriptedScreen(engine.scorer, [[1.0] * 3]))
+    ref = first.generate_group(GroupRequest(threshold=0.5, **req)).samples
+    for i in (0, 1):
+        assert np.array_equal(res.samples[i].chosen[:k], ref[i].chosen[:k])
+    assert not np.array_equal(res.samples[2].chosen[:k], ref[2].chosen[:k])

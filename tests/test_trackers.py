@@ -1,4 +1,4 @@
-"""Optional experiment trackers (wandb offline, MLflow file store) fed by MetricsLogger, and run.trackers checks."""
+"""Optional experiment trackers (wandb offline, MLflow SQLite store) fed by MetricsLogger, and run.trackers checks."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from actors.telemetry.logger import MetricsLogger
-from actors.telemetry.trackers import Tracker, make_trackers
+from actors.telemetry.trackers import Tracker, make_trackers, mlflow_store_uri
 from configs.trackers import TrackerConfig, check_trackers
 
 CONFIG = {"run": {"name": "trk", "steps": 3}, "learner": {"lr": 1e-4}, "serve": {"enabled": ["tier", "der"]}}
@@ -38,12 +38,12 @@ def _run(tmp_path: Path, names: list[str]) -> Path:
     return run
 
 
-def test_mlflow_file_store_gets_scalars_config_and_pictures(tmp_path):
+def test_mlflow_sqlite_store_gets_scalars_config_and_pictures(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     run = _run(tmp_path, ["mlflow"])
-    client = MlflowClient(tracking_uri=(run / "mlflow").as_uri())
+    client = MlflowClient(tracking_uri=mlflow_store_uri(run))
     exp = client.get_experiment_by_name("unictask-grpo")
     (mrun,) = client.search_runs([exp.experiment_id])
     assert mrun.info.run_name == "trk" and mrun.info.status == "FINISHED"

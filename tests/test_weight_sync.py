@@ -32,6 +32,34 @@ def mixed_model(seed: int) -> nn.Module:
     return m
 
 
+class _Outcome:
+    """A helper thread's result: what its function raised (or None), read back in the test thread."""
+
+    def __init__(self, fn):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+
+    def _run(self, fn):
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread by outcome()
+            self.error = exc
+
+    def outcome(self, timeout_s: float) -> BaseException | None:
+        """Join the thread (a thread still running after ``timeout_s`` fails the test) and return its exception."""
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), f"helper thread still running after {timeout_s}s"
+        return self.error
+
+
+def start_thread(fn) -> _Outcome:
+    """Run ``fn`` in a started daemon thread; ``.outcome()`` gives its exception to the test thread (an assertion
+    or ``pytest.raises`` inside a helper thread is lost: pytest only sees the test thread)."""
+    out = _Outcome(fn)
+    out.thread.start()
+    return out
+
+
 def run_group(sender_model, receiver_models, plan, timeout_s=20.0):
     """Sender (rank 0) + receivers in threads; returns (sender stats, receiver stats or exceptions)."""
     world = 1 + len(receiver_models)
@@ -121,14 +149,15 @@ def test_peer_that_never_joins_times_out_naming_it():
         WeightReceiver(SyncConfig(timeout_s=2.0, backend="gloo")).init_group(
             "127.0.0.1", g0.port, 1, 3, peers=g0.peers)
 
-    t = threading.Thread(target=lambda: pytest.raises(WeightSyncTimeout, only_a))
-    t.start()
+    a = start_thread(only_a)
     t0 = time.perf_counter()
     with pytest.raises(WeightSyncTimeout, match=r"never joined: \['rollout B'\]"):
         g0.join()
     assert time.perf_counter() - t0 < 6.0
-    t.join(10)
+    error = a.outcome(timeout_s=10.0)   # the joined peer's own failure, asserted here in the test thread
     g0.close()
+    assert isinstance(error, WeightSyncTimeout), f"rollout A should time out too, got {error!r}"
+    assert "rollout B" in str(error), error
 
 
 def test_receive_before_init_is_an_error():

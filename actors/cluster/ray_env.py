@@ -140,37 +140,3 @@ def is_loopback_address(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     mapped = getattr(ip, "ipv4_mapped", None)
     return (mapped or ip).is_loopback
-
-
-def bind_serve_replica_grpc_to_node_ip() -> str | None:
-    """Keep a Serve replica's internal gRPC server off the network's other interfaces.
-
-    Ray Serve 2.60 starts each replica's inter-deployment gRPC server on ``[::]:0`` (every interface; no option,
-    ``ray/serve/_private/replica.py``), after the replica's constructor. Called from inside that constructor, this
-    makes it bind the replica's Ray node IP instead: 127.0.0.1 on a loopback cluster, the node's cluster address
-    on a real one (where handles on other nodes reach it). Returns the address used, or None (with a warning) when
-    Serve's internals are not as expected (then the port stays on every interface: see the README's security
-    section for the firewall mitigation)."""
-    import ray
-
-    try:
-        from ray.serve._private import replica as serve_replica
-
-        original = serve_replica.add_port_to_grpc_server
-    except (ImportError, AttributeError) as exc:
-        log.warning("cannot bind the Serve replica gRPC server to the node IP (%s); it listens on all interfaces",
-                    exc)
-        return None
-    if getattr(original, "bound_to", None):
-        return original.bound_to
-    ip = ray.util.get_node_ip_address()
-    host = f"[{ip}]" if ":" in ip else ip
-
-    def bound(server, address):
-        if address.startswith("[::]:"):
-            address = f"{host}:{address[len('[::]:'):]}"
-        return original(server, address)
-
-    bound.bound_to = ip
-    serve_replica.add_port_to_grpc_server = bound
-    return ip

@@ -32,7 +32,7 @@ from typing import Callable
 import ray
 from ray.exceptions import GetTimeoutError
 
-from actors.driver.recovery import ACTOR_DEATH_ERRORS
+from actors.cluster.deaths import ACTOR_DEATH_ERRORS, classify
 from actors.rollout.engine import GroupRequest, GroupResult, SampleRequest, assemble_group
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,13 @@ class TaskPool:
     """Pull-based execution of independent tasks on a list of actors, with re-dispatch on actor death.
 
     Each actor runs one task at a time; an idle actor takes the next queued task. A task whose actor failed
-    (:data:`actors.driver.recovery.ACTOR_DEATH_ERRORS`: dead, OOM-killed, crashed, node lost or hung) goes back to the front of the queue and its actor is replaced (``replace_actor``)."""
+    (:data:`actors.cluster.deaths.ACTOR_DEATH_ERRORS`: dead, OOM-killed, crashed, node lost or hung) goes back to
+    the front of the queue and its actor is replaced (``replace_actor(slot, error)``). ``actors`` is used as given
+    (not copied): a replacement made elsewhere in the same list is seen at once."""
 
-    def __init__(self, actors: list, replace_actor: Callable[[int], object] | None = None,
+    def __init__(self, actors: list, replace_actor: Callable[[int, BaseException], object] | None = None,
                  max_redispatch: int = 3, timeout_s: float = 3600.0):
-        self.actors = list(actors)
+        self.actors = actors
         self.replace_actor = replace_actor
         self.max_redispatch = max_redispatch
         self.timeout_s = timeout_s
@@ -113,12 +115,13 @@ class TaskPool:
         tries[idx] += 1
         if tries[idx] > self.max_redispatch:
             raise RolloutLost(f"rollout task {idx} failed {tries[idx]} times; last error: {exc}") from exc
-        log.warning("rollout actor %d failed on task %d (%s); re-dispatching", slot, idx, type(exc).__name__)
+        log.warning("rollout actor %d failed on task %d (%s); re-dispatching", slot, idx,
+                    classify(exc) or type(exc).__name__)
         self.redispatched += 1
         if isinstance(exc, GetTimeoutError):   # hung, not dead: stop it before replacing it
             ray.kill(self.actors[slot], no_restart=True)
         if self.replace_actor is not None:
-            self.actors[slot] = self.replace_actor(slot)
+            self.actors[slot] = self.replace_actor(slot, exc)
 
 
 class GroupDispatcher(TaskPool):
@@ -128,7 +131,7 @@ class GroupDispatcher(TaskPool):
     behaviour); ``dsog``: the DSOGConfig (its ``enabled`` / ``initial_threshold`` decide whether a split group needs
     the calibration pass)."""
 
-    def __init__(self, actors: list, replace_actor: Callable[[int], object] | None = None,
+    def __init__(self, actors: list, replace_actor: Callable[[int, BaseException], object] | None = None,
                  max_redispatch: int = 3, timeout_s: float = 3600.0, *, group_size: int,
                  samples_per_request: int = 1, dsog):
         super().__init__(actors, replace_actor, max_redispatch, timeout_s)

@@ -15,7 +15,7 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.driver.checkpoint import CheckpointError
+from actors.driver.checkpoint import CheckpointError, open_hashed
 
 PENDING_FILE = "next_rollout.pkl"
 """File name of the stored next-step rollout inside a checkpoint folder."""
@@ -34,9 +34,10 @@ class PendingRollout:
 
 
 def save_pending(folder: Path, pending: PendingRollout) -> Path:
-    """Write ``pending`` into the (temporary) checkpoint folder ``folder``; returns the file."""
+    """Write ``pending`` into the (temporary) checkpoint folder ``folder``, hashing it as it is written (the manifest's
+    content hash); returns the file."""
     path = Path(folder) / PENDING_FILE
-    with open(path, "wb") as f:
+    with open_hashed(path) as f:
         pickle.dump({"format": FORMAT, "step": int(pending.step), "results": pending.results}, f,
                     protocol=pickle.HIGHEST_PROTOCOL)
     return path

@@ -9,6 +9,7 @@ with the weights from before update k); the sync follows when both are done. See
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -21,23 +22,18 @@ import ray
 
 from actors.driver.checkpoint import (
     RNG_FILE,
-    CheckpointError,
     CheckpointManager,
     config_changes,
     read_checkpoint,
-    resolve_resume,
+    resume_candidates,
     rng_state,
     set_rng_state,
+    write_hashed,
 )
 from actors.driver.dispatch import GroupDispatcher
-from actors.driver.pending_rollout import PendingRollout, load_pending, save_pending
-from actors.driver.recovery import (
-    learner_failed,
-    rebuild_learners,
-    replace_rollout,
-    replace_rollout_from_peer,
-    sync_rollouts,
-)
+from actors.driver.pending_rollout import PendingRollout, save_pending
+from actors.driver.restore import RunState, restore_run_state
+from actors.driver.supervisor import Supervisor
 from actors.rollout.engine import GroupRequest
 from actors.telemetry.logger import MetricsLogger
 from actors.telemetry.step_metrics import step_metrics
@@ -69,7 +65,9 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
-        self.resume_from = resolve_resume(self.run_dir, resume)
+        self.resume_candidates, self.resume_explicit = resume_candidates(self.run_dir, resume)
+        """Checkpoints a resume tries, newest first (``--resume PATH``: just that one, explicit: no fall-back)."""
+        self.resume_from = self.resume_candidates[0] if self.resume_candidates else None
         if resume == "auto" and self.resume_from is None:
             log.info("--resume auto: no complete checkpoint in %s, starting at step 0", self.run_dir)
         self.dsog = DSOGController(cfg.dsog)
@@ -82,10 +80,8 @@ class Trainer:
                                      trackers=make_trackers(cfg.run, self.run_dir, config_to_dict(cfg)))
         self.history: list[dict] = []
         self._stop_requested = False
-        self.learner_restarts = 0
-        """Times the learner group was rebuilt after a rank failure in this run."""
-        self.rollout_restarts: dict[int, int] = {}
-        """Times each rollout actor slot was replaced after its actor died (bounded by rollout.max_restarts)."""
+        self.supervisor: Supervisor | None = None
+        """Keeps the roles healthy: replaces rollout actors, rebuilds the learner group (set up in ``setup``)."""
         self._last_samples: list = []
         self.pending: PendingRollout | None = None
         """``run.overlap: one_step``: the finished rollout of the next step (made during the last update)."""
@@ -95,6 +91,16 @@ class Trainer:
         self.phase_hook = None
         """Optional ``hook(phase, step)`` called as each phase starts: "rollout", "learn", "sync", "checkpoint"
         (after the checkpoint's temporary folder exists). The seam the kill-matrix tests inject faults through."""
+
+    @property
+    def learner_restarts(self) -> int:
+        """Times the learner group was rebuilt after a failure in this run (bounded by run.max_learner_restarts)."""
+        return self.supervisor.learner_rebuilds if self.supervisor is not None else 0
+
+    @property
+    def rollout_restarts(self) -> dict[int, int]:
+        """Rollout actors that died, per slot (bounded by rollout.max_restarts)."""
+        return self.rollouts.deaths if getattr(self, "rollouts", None) is not None else {}
 
     # -- set-up --------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -108,6 +114,8 @@ class Trainer:
     def _setup(self) -> None:
         from actors.cluster.placement import RolePlacement
         from actors.learner.group import LearnerGroup
+        from actors.learner.step import concept_specs, make_showo_backend
+        from actors.rollout.pool import RolloutPool
         from actors.rollout.worker import RolloutWorker
         from actors.serving.deploy import app_name
         from actors.serving.metrics import ReplicaDeathWatch
@@ -122,7 +130,7 @@ class Trainer:
             self.dataset = load_dataset(cfg.data)
         self.concepts = sorted(self.dataset.concepts)
         log.info("dataset %s: %d concepts (%s)", cfg.data.root, len(self.concepts), ", ".join(self.concepts))
-        for line in concept_checkpoint_lines(cfg.model, list(self.dataset.concepts)):
+        for line in concept_checkpoint_lines(cfg.model, self.concepts):   # the policy's order (sorted)
             log.info("%s", line)
         self.placement = RolePlacement(cfg)
         t = time.perf_counter()
@@ -130,20 +138,29 @@ class Trainer:
         self.replica_watch = ReplicaDeathWatch({e: app_name(cfg.serve, e) for e in cfg.serve.enabled})
         log.info("%s", role_line("rewards", cfg, None, time.perf_counter() - t))
         self._replica_gauge_stop = watch_reward_replicas(cfg.serve)
+        # the dataset was read and decoded once, in this driver: the learner ranks get the concept list, the rollout
+        # actors the dataset itself through the object store
+        learner_backend = functools.partial(make_showo_backend, concepts=concept_specs(self.dataset))
+        dataset_ref = ray.put(self.dataset)
+
+        def make_learners():
+            return LearnerGroup(cfg, self.placement, backend_factory=learner_backend)
+
         t = time.perf_counter()
-        self.learners = LearnerGroup(cfg, self.placement)
+        self.learners = make_learners()
         log.info("%s", role_line("learner", cfg, self.placement, time.perf_counter() - t))
         cfg_dict = config_to_dict(cfg)
 
         def make_worker(i: int):
-            opts = self.placement.rollout_options(i)
-            return RolloutWorker.options(**opts).remote(cfg_dict, i)
+            return RolloutWorker.options(**self.placement.rollout_options(i)).remote(cfg_dict, i, dataset_ref)
 
-        self._make_worker = make_worker
         t = time.perf_counter()
-        self.workers = [make_worker(i) for i in range(cfg.rollout.num_workers)]
-        ray.get([w.ready.remote() for w in self.workers])
+        self.rollouts = RolloutPool(make_worker, cfg.rollout.num_workers, cfg.rollout.max_restarts,
+                                    start_timeout_s=cfg.placement.ready_timeout_s + 600.0)
+        self.workers = self.rollouts.workers   # the pool's own list: replacements show here
+        self.rollouts.wait_ready()
         log.info("%s", role_line("rollout", cfg, self.placement, time.perf_counter() - t))
+        self.supervisor = Supervisor(cfg, self.rollouts, make_learners, self._restore_into)
         self.dispatcher = GroupDispatcher(self.workers, replace_actor=self._replace_worker,
                                           timeout_s=cfg.rollout.group_timeout_s, group_size=cfg.rollout.group_size,
                                           samples_per_request=cfg.rollout.samples_per_request, dsog=cfg.dsog)
@@ -156,27 +173,31 @@ class Trainer:
                      "before it; old log-probs = the rollout's recorded ones (learn/policy_lag 1)")
         log.info("set-up done in %.1fs", time.perf_counter() - t0)
 
-    def _replace_worker(self, slot: int):
-        """A fresh rollout actor for a dead one, holding learner rank 0's current weights (actors/driver/recovery.py), or,
-        during an overlapped rollout, a surviving rollout actor's (the weights the rollout runs with); the learner
-        group is not touched and the next sync re-forms the broadcast group."""
-        if self.overlapping:
-            return replace_rollout_from_peer(self, slot)
-        return replace_rollout(self, slot)
+    def _replace_worker(self, slot: int, cause: BaseException | None = None):
+        """The dispatcher's callback for a dead rollout actor: the supervisor replaces it (learner rank 0's current
+        weights, or during an overlapped rollout a surviving rollout actor's); the learner group is not touched."""
+        return self.supervisor.replace_rollout(self.learners, slot, cause, overlapping=self.overlapping)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _restore(self) -> None:
         """Load the resume checkpoint (if any) and align metrics.jsonl / TensorBoard with the start step."""
-        if self.resume_from is not None:
-            self._load(self.resume_from)
-        elif self.ckpt.latest() is not None:
+        if self.resume_candidates:
+            restored = restore_run_state(self.resume_candidates, self.learners, explicit=self.resume_explicit,
+                                         make_dsog=functools.partial(DSOGController, self.cfg.dsog))
+            self.resume_from = path = restored.path
+            self._warn_changes(path)
+            self.rewind(restored)
+            log.info("resumed from %s at step %d (saved by revision %s)", path, self.start_step,
+                     (path / "git_revision.txt").read_text().strip() if (path / "git_revision.txt").exists() else "?")
+            return
+        if self.ckpt.latest() is not None:
             log.warning("run folder %s already has checkpoints (latest %s); starting again at step 0 and "
                         "replacing them. Pass --resume auto to continue instead.", self.run_dir,
                         self.ckpt.latest().name)
         self.metrics.start_at(self.start_step)
 
-    def _load(self, path: Path) -> None:
-        """Restore learner (weights + optimizer), DSOG state, counters and RNG states; warn on config changes."""
+    def _warn_changes(self, path: Path) -> None:
+        """Warn when the run resumes with another config or data order than the checkpoint was written with."""
         state, saved_cfg = read_checkpoint(path)
         changes = config_changes(saved_cfg, config_to_dict(self.cfg))
         if changes:
@@ -188,26 +209,37 @@ class Trainer:
             log.warning("resuming with a different data order: concepts %s -> %s, prompts_per_step %s -> %s",
                         data.get("concepts"), self.concepts, data.get("prompts_per_step"),
                         self.cfg.run.prompts_per_step)
-        try:
-            self.learners.load_checkpoint(str(path / "learner"))
-        except Exception as exc:   # DeepSpeed's own errors (a bare AssertionError) name no file
-            raise CheckpointError(f"checkpoint {path}: loading the learner state from {path / 'learner'} failed "
-                                  f"({type(exc).__name__}: {str(exc).strip()[:300]})") from exc
-        self.dsog.load_state_dict(state["dsog"])
-        self.pending = load_pending(path, int(state["next_step"]))
-        self.dispatcher.redispatched = int(state.get("counters", {}).get("redispatched_groups", 0))
-        if (path / RNG_FILE).exists():
-            set_rng_state(json.loads((path / RNG_FILE).read_text()))
-        self.start_step = int(state["next_step"])
-        log.info("resumed from %s at step %d (saved by revision %s)", path, self.start_step,
-                 (path / "git_revision.txt").read_text().strip() if (path / "git_revision.txt").exists() else "?")
+
+    def _restore_into(self, learners) -> RunState:
+        """What a rebuilt learner group continues from (the supervisor's ``restore``): the newest checkpoint that
+        verifies and loads, loaded into it (older ones on failure, with a warning naming the file), or step 0 with the
+        seeded initial weights when there is none (actors/driver/restore.py)."""
+        return restore_run_state(self.ckpt.candidates(warn=True), learners,
+                                 make_dsog=functools.partial(DSOGController, self.cfg.dsog))
+
+    def rewind(self, rs: RunState) -> int:
+        """Continue from ``rs``: DSOG state, stored next-step rollout, counters and RNG states as saved; metrics and
+        history cut back to its step. Returns the step to run next."""
+        dsog = DSOGController(self.cfg.dsog)
+        if rs.dsog is not None:
+            dsog.load_state_dict(rs.dsog)
+        self.dsog = dsog
+        self.pending = rs.pending
+        if getattr(self, "dispatcher", None) is not None:
+            self.dispatcher.redispatched = rs.redispatched
+        if rs.rng is not None:
+            set_rng_state(rs.rng)
+        self.start_step = rs.next_step
+        self.metrics.start_at(rs.next_step)
+        self.history = [m for m in self.history if m["step"] < rs.next_step]
+        return rs.next_step
 
     def save_checkpoint(self, next_step: int) -> Path:
         """Write an atomic checkpoint whose resume point is ``next_step`` (see actors/driver/checkpoint.py)."""
         tmp = self.ckpt.begin(next_step)
         self._phase("checkpoint", next_step - 1)
         self.learners.save_checkpoint(str(tmp / "learner"))
-        (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
+        write_hashed(tmp / RNG_FILE, json.dumps(rng_state()))
         if self.pending is not None and self.pending.step == next_step:
             save_pending(tmp, self.pending)   # the next step's finished rollout (run.overlap): resume stays exact
         state = {"next_step": next_step, "seed": self.cfg.run.seed, "dsog": self.dsog.state_dict(),
@@ -260,16 +292,15 @@ class Trainer:
         learn = dict(self.learners.collect_update(update), policy_lag=float(lag))
         t2 = time.perf_counter()
         self._phase("sync", step)
-        sync_s = sync_rollouts(self)   # a rollout actor dead since the dispatch is replaced here
+        sync_s = self.supervisor.sync(self.learners)   # a rollout actor dead since the dispatch is replaced here
         t3 = time.perf_counter()
         times = {"rollout": t_rollout, "learn": t2 - t1, "sync": t3 - t2, "step": t3 - t0}
+        watch = getattr(self, "replica_watch", None)   # replicas that died, even where Serve re-routed the request
         metrics = step_metrics(step, results, samples, learn, self.dsog, times, self.dispatcher,
                                threshold_used=results[0].request.threshold if results else None,
-                               experts=self.cfg.serve.enabled)
+                               experts=self.cfg.serve.enabled,
+                               replicas_lost=sum(watch.poll().values()) if watch is not None else 0.0)
         metrics["sync/seconds"] = float(sync_s)
-        watch = getattr(self, "replica_watch", None)   # replicas that died, even where Serve re-routed the request
-        if watch is not None:
-            metrics["faults/reward_failures"] += float(sum(watch.poll().values()))
         return metrics
 
     def _consume(self, results: list) -> list:
@@ -321,10 +352,12 @@ class Trainer:
             while step < cfg.run.steps:
                 try:
                     step = self._run_step(step, bar)
-                except Exception as exc:   # a dead/hung rank: rebuild the group from the last checkpoint
-                    if isinstance(exc, Preempted) or not learner_failed(self, exc):
+                except Exception as exc:   # a role failed: the supervisor brings every role back
+                    if (isinstance(exc, Preempted) or self.supervisor is None
+                            or not self.supervisor.learner_failed(self.learners, exc)):
                         raise
-                    step = rebuild_learners(self, exc)
+                    self.learners, restored = self.supervisor.recover(self.learners, exc)
+                    step = self.rewind(restored)
                     bar.n = step
             bar.close()
             self.learners.export_final(str(self.run_dir / "final"))
@@ -361,7 +394,19 @@ class Trainer:
         return done
 
     def _after_step(self, step: int, metrics: dict) -> None:
-        """Per-step extras after logging: the image grid and reward curves every ``run.image_grid_every``."""
+        """Per-step extras after logging: the step's sample records every ``run.samples_every`` (also handed to the
+        trackers), the image grid and reward curves every ``run.image_grid_every``."""
+        from actors.telemetry import samples as records
+
+        if records.due(step, self.cfg.run.samples_every) and self._last_samples:
+            try:
+                path, rows = records.write_samples(self.run_dir, step + 1, self._last_samples,
+                                                   experts=self.cfg.serve.enabled,
+                                                   threshold=metrics.get("dsog/threshold"))
+            except OSError as exc:   # a full disk costs the records, not the run
+                log.warning("sample records of step %d not written: %s", step + 1, exc)
+            else:
+                self.metrics.log_samples(path, rows, step)
         every = self.cfg.run.image_grid_every
         if every and (step + 1) % every == 0:
             from actors.telemetry.pictures import save_image_grid
@@ -385,7 +430,7 @@ class Trainer:
         if getattr(self, "_replica_gauge_stop", None) is not None:
             self._replica_gauge_stop.set()
         self.metrics.close()
-        steps = [("rollout actors", lambda: [ray.kill(w) for w in getattr(self, "workers", [])]),
+        steps = [("rollout actors", lambda: self.rollouts.shutdown() if hasattr(self, "rollouts") else None),
                  ("learner ranks", lambda: self.learners.shutdown() if hasattr(self, "learners") else None),
                  ("placement groups", lambda: self.placement.remove() if hasattr(self, "placement") else None),
                  ("reward applications", lambda: self.rewards.close() if hasattr(self, "rewards") else None)]

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import ray
 
+from actors.cluster.deaths import dead_actors, gcs_death
 from configs.learner import LearnerConfig, SyncConfig
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,10 @@ class LearnerWorker:
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the DeepSpeed process group, build policy + reference, create the engine."""
-        import importlib
-
         import torch
         import torch.distributed as dist
 
+        from actors.cluster.patches import skip_deepspeed_shm_build
         from actors.cluster.weight_sync import is_loopback, master_store
 
         t0 = time.perf_counter()
@@ -90,7 +90,7 @@ class LearnerWorker:
         device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         import deepspeed
 
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # skip the CPU shm JIT build
+        skip_deepspeed_shm_build()   # no CPU shm op JIT build (actors/cluster/patches.py says why)
         timeout = datetime.timedelta(seconds=self.lcfg.collective_timeout_s)
         backend = "nccl" if on_gpu else "gloo"
         if is_loopback(master_addr) and "lo" in {n for _, n in __import__("socket").if_nameindex()}:
@@ -270,8 +270,12 @@ class LearnerGroup:
             else:
                 opts = {"num_cpus": self.lcfg.num_cpus_per_rank, "num_gpus": self.lcfg.num_gpus_per_rank}
             self.workers.append(_RemoteWorker.options(**opts).remote(rank, self.num_ranks, cfg, backend_factory))
-        addr, port = self._get([self.workers[0].address.remote()], "address")[0]
-        self.setup_info = self._get([w.setup.remote(addr, port) for w in self.workers], "setup")
+        try:
+            addr, port = self._get([self.workers[0].address.remote()], "address")[0]
+            self.setup_info = self._get([w.setup.remote(addr, port) for w in self.workers], "setup")
+        except BaseException:   # a rank that died while starting: give back every rank (and its bundle) first
+            self.shutdown()
+            raise
         log.info("learner group ready: %d ranks, %s", self.num_ranks, self.setup_info[0])
 
     def _get(self, refs: list, what: str, timeout: float | None = None, who: str = "learner ranks") -> list:
@@ -325,6 +329,19 @@ class LearnerGroup:
     def state_dict_rank0(self) -> dict:
         """Rank 0's module weights on CPU (all ranks hold the same under ZeRO ≤ 2)."""
         return self._get([self.workers[0].state_dict.remote()], "state_dict")[0]
+
+    def state_dict_ref(self):
+        """Object ref of rank 0's weights: they go rank 0 → object store → whoever is given the ref, not through the
+        driver (a replacement rollout actor's ``load_weights``)."""
+        return self.workers[0].state_dict.remote()
+
+    def dead_ranks(self, settle_s: float = 0.0) -> list[int]:
+        """Ranks whose actor the GCS reports DEAD (polling up to ``settle_s`` for a death to show)."""
+        return dead_actors(self.workers, settle_s=settle_s)
+
+    def death_of(self, rank: int):
+        """The cause the GCS recorded for dead rank ``rank`` (a :class:`actors.cluster.deaths.Death`) or None."""
+        return gcs_death(self.workers[rank])
 
     def state_dicts(self) -> list[dict]:
         """Every rank's module weights (tests: ranks must agree bit for bit)."""

@@ -17,8 +17,8 @@ import torch
 from backbone.answer import generate_answers
 from backbone.maskgit import MaskGITSampler
 from backbone.prompts import build_mmu_inputs, build_t2i_inputs
-from rl.grpo.batch import RolloutSample
-from rl.grpo.dsog import DSOGController
+from rl.grpo.batch import RolloutSample, per_sample_attempts
+from rl.grpo.dsog import AttemptBatch
 from rl.grpo.seeding import make_generator, sample_seed
 from rl.grpo.tasks import (
     ConceptPromptTokens,
@@ -156,6 +156,11 @@ class RolloutEngine:
     def _images_with_dsog(self, req, idx, prompts, screen_texts, concept, result: SampleResult):
         """MaskGIT for every sample with the DSOG screen and redraws; returns finished sampler states per sample.
 
+        Which attempt is kept is decided by :class:`rl.grpo.dsog.AttemptBatch` (the one DSOG attempt rule); this
+        method only draws each round's pending samples as one batch, screens their previews in one call, and
+        resumes the kept attempts in the batches ``AttemptBatch.resume_plan`` gives. DSOG off: one attempt, no
+        screen (screen score NaN).
+
         ``idx``: the samples' indices in the group (their D7 seeds); lists here are in ``idx`` order, so local
         position ``i`` draws with the seeds of sample ``idx[i]``."""
         dcfg = self.cfg.dsog
@@ -164,16 +169,12 @@ class RolloutEngine:
             state = self.sampler.start(self._t2i(prompts), [self._gen(req, idx[i], 0, "image") for i in range(g)])
             state = self.sampler.run(state)
             return [(state, i) for i in range(g)], [float("nan")] * g, [1] * g
-        threshold = req.threshold
-        best: dict[int, tuple[float, object, int]] = {}
-        kept: dict[int, tuple[object, int]] = {}
-        attempts = [0] * g
-        scores_kept = [float("nan")] * g
-        pending = list(range(g))
-        attempt = 0
-        while pending and attempt < dcfg.max_attempts:
+        loops = AttemptBatch(g, req.threshold, dcfg.max_attempts, calibrate=dcfg)   # the DSOG attempt rule (D6)
+        paused: dict[int, object] = {}   # round -> its paused sampler state, while it holds a (would-be) kept attempt
+        while not loops.done:
+            rnd, pending = loops.round, loops.pending
             state = self.sampler.start(self._t2i([prompts[i] for i in pending]),
-                                       [self._gen(req, idx[i], attempt, "image") for i in pending])
+                                       [self._gen(req, idx[i], rnd, "image") for i in pending])
             state = self.sampler.run(state, stop_after_step=dcfg.screen_step)
             preview = self.policy.vq.decode_uint8(self.sampler.preview_ids(state))
             t_screen = time.perf_counter()
@@ -182,42 +183,26 @@ class RolloutEngine:
             if req.screen_only:
                 result.first_scores = [float(x) for x in scores]
                 return None, None, None
-            if threshold is None:
-                threshold = DSOGController.initial_threshold(scores, dcfg)
-                result.init_threshold = threshold
-            still = []
-            for row, i in enumerate(pending):
-                s = float(scores[row])
-                attempts[i] += 1
-                accepted = s > threshold
-                result.attempt_scores.append(s)
-                result.attempt_accepted.append(accepted)
-                if accepted:
-                    kept[i] = (state, row)
-                    scores_kept[i] = s
-                else:
-                    if i not in best or s > best[i][0]:
-                        best[i] = (s, state, row)
-                    still.append(i)
-            pending = still
-            attempt += 1
-        for i in pending:   # attempt cap reached: keep the best-screened attempt (design D6)
-            s, state, row = best[i]
-            kept[i] = (state, row)
-            scores_kept[i] = s
-            result.forced_keeps += 1
-        # resume every kept attempt to the end, batched per originating sampler state
+            loops.offer(scores)
+            paused[rnd] = state
+            for gone in set(paused) - loops.live_rounds():
+                del paused[gone]
+        result.attempt_scores.extend(loops.scores)
+        result.attempt_accepted.extend(loops.passed)
+        result.forced_keeps += loops.forced
+        if loops.init_threshold is not None:
+            result.init_threshold = loops.init_threshold
+        # resume every kept attempt to the end, batched per round that drew it (AttemptBatch.resume_plan's order)
         finished = {}
-        by_state: dict[int, tuple[object, list[tuple[int, int]]]] = {}
-        for i, (state, row) in kept.items():
-            by_state.setdefault(id(state), (state, []))[1].append((i, row))
-        for state, members in by_state.values():
+        for rnd, members in loops.resume_plan():
+            state = paused[rnd]
             rows = [row for _, row in members]
             sub = state if rows == list(range(state.batch_size)) else state.select(rows)
             sub = self.sampler.run(sub)
             for k, (i, _) in enumerate(members):
                 finished[i] = (sub, k)
-        return [finished[i] for i in range(g)], scores_kept, attempts
+        kept = loops.results
+        return [finished[i] for i in range(g)], [r.kept_score for r in kept], [r.attempts for r in kept]
 
     def generate_group(self, req: GroupRequest) -> GroupResult:
         """Produce the G samples of one prompt in one batch (with rewards; advantages are the controller's job).
@@ -276,6 +261,7 @@ class RolloutEngine:
             images, screen_texts, [req.concept] * g, [info.category] * g,
             list(answers.texts), [candidates] * g, [target] * g)
         t3 = time.perf_counter()
+        dsog_log = per_sample_attempts(result.attempt_scores, result.attempt_accepted, list(attempts))
         for i, (state, k) in enumerate(finished):
             traj = state.trajectory
             m = answers.mask[i]
@@ -291,7 +277,8 @@ class RolloutEngine:
                 image_logps=traj.logps[k].float().cpu().numpy(), final_ids=traj.final_ids[k].cpu().numpy(),
                 image=images[i], screen_score=float(screen_scores[i]), attempts=int(attempts[i]),
                 rewards={name: float(v[i]) for name, v in per_expert.items()}, reward=float(total[i]),
-                advantage=0.0))
+                advantage=0.0, question=task.question, reference=task.reference, input_image=task.image_name,
+                reward_text=screen_texts[i], attempt_scores=dsog_log[i][0], forced=dsog_log[i][1]))
         result.dropped = list(dropped)
         after = self._failure_totals()
         result.reward_failures = {k: v - failures_before.get(k, 0) for k, v in after.items()

@@ -15,11 +15,13 @@ def _device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-@ray.remote(max_restarts=0)   # replaced by the controller instead (actors/driver/recovery.py): a restart would lose weights
+@ray.remote(max_restarts=0)   # replaced by the controller instead (actors/rollout/pool.py): a restart would lose weights
 class RolloutWorker:
     """A Ray actor producing GRPO groups; receives weights from learner rank 0 (design D11)."""
 
-    def __init__(self, cfg_dict: dict, worker_index: int):
+    def __init__(self, cfg_dict: dict, worker_index: int, dataset=None):
+        """``dataset``: the ConceptDataset the driver read and checked (passed as an object ref, resolved by Ray);
+        None = read ``cfg.data`` here (benchmarks and tests that start rollout actors on their own)."""
         import torch
 
         from actors.cluster.weight_sync import WeightReceiver
@@ -34,7 +36,7 @@ class RolloutWorker:
         self.cfg = config_from_dict(cfg_dict)
         self.index = worker_index
         self.device = _device(self.cfg.rollout.num_gpus)
-        self.dataset = load_dataset(self.cfg.data)
+        self.dataset = dataset if dataset is not None else load_dataset(self.cfg.data)
         self.policy = build_policy(self.cfg.model, concept_specs(self.dataset), device=self.device)
         self.policy.model.eval()
         self.engine = RolloutEngine(self.cfg, self.policy, self.dataset, serve_scorer(self.cfg),
@@ -69,7 +71,7 @@ class RolloutWorker:
 
     def load_weights(self, params: dict) -> None:
         """Copy the learner's parameters (name → tensor, as learner rank 0's ``state_dict``) into the policy: how a
-        replacement actor gets the current weights without re-forming the sync group (actors/driver/recovery.py)."""
+        replacement actor gets the current weights without re-forming the sync group (actors/rollout/pool.py)."""
         import torch
 
         own = dict(self.policy.model.named_parameters())

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.cluster.deaths import classify
 from actors.serving import metrics as reward_metrics
 from actors.serving.deploy import app_name, deployment_name, replicas
 from actors.serving.errors import RewardRequestError, RewardServiceError
@@ -22,10 +23,6 @@ from rewards.base import ScoreBatch
 from rewards.ensemble import RewardEnsemble
 
 log = logging.getLogger(__name__)
-
-_DIED = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
-         "DeploymentUnavailableError")
-
 
 @dataclass
 class RewardResult:
@@ -48,14 +45,18 @@ class RewardResult:
 
 
 def _kind(exc: BaseException) -> str:
-    names = {t.__name__ for t in type(exc).__mro__}
+    """The failure kind a failed attempt is counted under (``reward_serve_failures{kind}``)."""
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError, RequestCancelledError
+
     if isinstance(exc, RewardRequestError):
         return "bad_request"
-    if names & set(_DIED):
+    death = classify(exc)
+    if (death is not None and death.cause != "hung") or isinstance(exc, (DeploymentUnavailableError,
+                                                                        ReplicaUnavailableError)):
         return "replica_died"
-    if isinstance(exc, TimeoutError) or "GetTimeoutError" in names:
+    if isinstance(exc, TimeoutError) or death is not None:
         return "timeout"
-    if "RequestCancelledError" in names:
+    if isinstance(exc, RequestCancelledError):
         return "cancelled"
     return "error"
 

@@ -2,7 +2,8 @@
 
 Serve exports its own ``ray_serve_*`` series (request latency, ongoing requests, replicas, batch sizes); these add
 the reward-specific ones, all labelled ``expert``, ``run`` (``$UNICTASK_RUN_NAME``, set by ``launch.train`` for every
-process of the job) and ``job`` (the Ray job id of the recording process):
+process of the job) and ``ray_job_id`` (the Ray job id of the recording process; for the replicas, the job that
+started Serve; not ``job``, which Prometheus owns: see ``actors.telemetry.prometheus``):
 
 - ``reward_serve_latency_s`` (histogram, ``side`` = "replica" | "client"): time to score one request;
 - ``reward_serve_queue_depth`` (gauge, per replica): requests the replica holds (waiting for a batch or scoring);
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from actors.cluster.deaths import dead_actor_table, died_unexpectedly
 from actors.telemetry.prometheus import LABELS, REFRESH_S, run_labels
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ _stop = threading.Event()
 
 
 def labels() -> dict[str, str]:
-    """The ``run`` / ``job`` labels of this process (resolved once)."""
+    """The ``run`` / ``ray_job_id`` labels of this process (resolved once)."""
     if not _labels:
         _labels.update(run_labels())
     return dict(_labels)
@@ -172,15 +174,12 @@ def watch_replicas(count_running, experts: list[str], period_s: float = REFRESH_
     return stop
 
 
-_UNEXPECTED = ("WORKER_DIED", "NODE_DIED")
-"""ActorDiedErrorContext reasons that mean a replica died (not stopped by Serve / ray.kill)."""
-
-
 class ReplicaDeathWatch:
     """Counts reward replicas of one run's applications that died unexpectedly (SIGKILL, crash, Ray's OOM kill, a
     lost node), read from the GCS actor table. Serve re-routes a request whose replica died before accepting it, so
     no client sees an error for it; this is where such a death is counted (``kind="replica_lost"`` in
-    ``reward_serve_failures`` and the step's ``faults/reward_failures``). Replicas Serve stops itself (scale-down,
+    ``reward_serve_failures`` and the step's ``faults/reward_replicas_lost``, never added to the client's
+    ``faults/reward_failures``). Replicas Serve stops itself (scale-down,
     failed health check, redeploy) end by ``ray.kill`` and are not counted."""
 
     def __init__(self, app_names: dict[str, str]):
@@ -192,9 +191,7 @@ class ReplicaDeathWatch:
     def poll(self, record: bool = True) -> dict[str, int]:
         """Expert → replicas that died since the last poll (recorded as failures unless ``record`` is False)."""
         try:
-            from ray._private.state import actors
-
-            dead = actors(actor_state_name="DEAD")
+            dead = dead_actor_table()
         except Exception as exc:   # the GCS query failed: report nothing rather than guess
             log.debug("replica death watch: %s", exc)
             return {}
@@ -207,21 +204,10 @@ class ReplicaDeathWatch:
             if expert is None:
                 continue
             self.seen.add(actor_id)
-            if _died_unexpectedly(info.get("DeathCause")):
+            if died_unexpectedly(info.get("DeathCause")):
                 found[expert] = found.get(expert, 0) + 1
         if record:
             for expert, n in found.items():
                 count_failure(expert, "replica_lost", n)
                 log.warning("reward expert %s: %d replica(s) died (counted as failures)", expert, n)
         return found
-
-
-def _died_unexpectedly(cause) -> bool:
-    if cause is None:
-        return False
-    if cause.HasField("oom_context"):
-        return True
-    if cause.HasField("actor_died_error_context"):
-        ctx = cause.actor_died_error_context
-        return type(ctx).Reason.Name(ctx.reason) in _UNEXPECTED
-    return False

@@ -97,7 +97,7 @@ class RewardReplica:
 
     def __init__(self, expert: str, expert_config, max_batch_size: int, batch_wait_timeout_s: float,
                  references: dict | None = None, weighted_categories: list[str] | None = None):
-        from actors.cluster.ray_env import bind_serve_replica_grpc_to_node_ip
+        from actors.cluster.patches import bind_serve_replica_grpc_to_node_ip
         from rewards.registry import build_expert
 
         bind_serve_replica_grpc_to_node_ip()   # Serve's internal gRPC port: node IP only, not every interface

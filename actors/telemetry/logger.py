@@ -3,7 +3,7 @@
 - ``<run>/metrics.jsonl``: one JSON record per step (every key of :func:`actors.telemetry.step_metrics.step_metrics`).
 - ``<run>/tensorboard/``: one scalar per key (``tensorboard --logdir <run>/tensorboard``).
 - Ray metrics (``ray.util.metrics``, see :mod:`actors.telemetry.prometheus`): a gauge ``<prefix>_<section>_<name>`` per key
-  (prefix ``grpo`` for training, ``inject`` for concept injection), labelled ``run`` and ``job``, plus per-run
+  (prefix ``grpo`` for training, ``inject`` for concept injection), labelled ``run`` and ``ray_job_id``, plus per-run
   counters ``<prefix>_steps`` / ``<prefix>_images``. Ray prefixes them with ``ray_`` on the Prometheus endpoint
   (``http://127.0.0.1:<metrics_export_port>/metrics``, within one report interval, ~10 s) and
   ``dashboards/grafana_grpo.json`` plots them.
@@ -141,6 +141,18 @@ class MetricsLogger:
         for tracker in self.trackers:
             _guard(tracker, "log_image", key, Path(path), step)
 
+    def log_samples(self, path: Path, rows: list[dict], step: int) -> None:
+        """Show a step's sample records (``path``: its ``samples/step_<N>.jsonl``, ``rows``: its rows) as a
+        TensorBoard text table (tag ``samples``) and hand them to the experiment trackers."""
+        tb = self._writer()
+        if tb is not None and rows:
+            from actors.telemetry.samples import markdown_table
+
+            tb.add_text("samples", markdown_table(rows), int(step))
+            tb.flush()
+        for tracker in self.trackers:
+            _guard(tracker, "log_samples", Path(path), rows, step)
+
     def _writer(self):
         if self._tb is None and self._tensorboard and not self._tb_failed:
             try:
@@ -153,7 +165,7 @@ class MetricsLogger:
         return self._tb
 
     def _export_ray(self, metrics: dict) -> None:
-        """Set one gauge per numeric key (labels ``run``, ``job``) and bump the per-run counters."""
+        """Set one gauge per numeric key (labels ``run``, ``ray_job_id``) and bump the per-run counters."""
         try:
             import ray
 

@@ -1,15 +1,19 @@
 """Ray / Prometheus export of a run's per-step values: labelled gauges and per-run counters that stay visible.
 
-Every series carries the labels ``run`` (``run.name``) and ``job`` (the Ray job id, the same in the driver and in
-every actor of the job; ``ray job list`` maps it to the submission id). Two things keep the series usable on a
-dashboard:
+Every series carries the labels ``run`` (``run.name``) and ``ray_job_id`` (the Ray job id, the same in the driver
+and in every actor of the job; ``ray job list`` maps it to the submission id). The label is not called ``job``: a
+Prometheus server owns ``job`` and ``instance`` (its scrape config sets them on every target; Ray's generated one
+says ``job: ray``), so a ``job`` label on the series would be renamed ``exported_job`` on ingestion and every query
+written against ``job`` would match nothing. What the endpoint keeps, and for how long:
 
-- Ray drops a gauge from ``/metrics`` when the process that set it has not re-reported it for two report intervals
-  (about 20 s). A step on real hardware takes longer, so :class:`RayExporter` re-sets its last values every
-  ``refresh_s`` seconds from a daemon thread until :meth:`RayExporter.close` (a finished run's gauges then age out
-  instead of lingering as stale values).
-- Counters (``<prefix>_steps_total``, ``<prefix>_images_total``) count the run's steps, not the process's: a resumed
-  run first adds the steps done before the resume point.
+- Gauges: Ray's metrics agent drops a gauge that has not been re-reported for two report intervals (about 20 s).
+  A step on real hardware takes longer, so :class:`RayExporter` re-sets its last values every ``refresh_s``
+  seconds from a daemon thread until :meth:`RayExporter.close`; a finished run's gauges then age out ~20 s later.
+- Counters (``<prefix>_steps_total``, ``<prefix>_images_total``) and histograms: Ray's agent keeps cumulative
+  series for its whole life (``ray/_private/telemetry/open_telemetry_metric_recorder.py``: "counters are
+  cumulative", never evicted), so a finished run's counters stay on the endpoint, frozen at their last values,
+  until that node's Ray stops. They count the run's steps, not the process's: a resumed run first adds the steps
+  done before the resume point.
 
 Ray prefixes every name with ``ray_`` on the endpoint: ``grpo_reward_total`` is scraped as
 ``ray_grpo_reward_total``.
@@ -24,7 +28,9 @@ import threading
 
 log = logging.getLogger(__name__)
 
-LABELS = ("run", "job")
+JOB_LABEL = "ray_job_id"
+"""Label of the Ray job id (not ``job`` / ``instance``, which Prometheus sets itself and would rename)."""
+LABELS = ("run", JOB_LABEL)
 """Label keys of every series this project exports (reward series add ``expert`` and more)."""
 RUN_ENV = "UNICTASK_RUN_NAME"
 """Environment variable that carries the run name into the job's actors and reward replicas."""
@@ -65,8 +71,8 @@ def submission_id() -> str | None:
 
 
 def run_labels(run: str | None = None) -> dict[str, str]:
-    """``{"run": ..., "job": ...}``; the run name defaults to ``$UNICTASK_RUN_NAME``."""
-    return {"run": run if run is not None else os.environ.get(RUN_ENV, ""), "job": job_label()}
+    """``{"run": ..., "ray_job_id": ...}``; the run name defaults to ``$UNICTASK_RUN_NAME``."""
+    return {"run": run if run is not None else os.environ.get(RUN_ENV, ""), JOB_LABEL: job_label()}
 
 
 def _number(value) -> bool:
@@ -76,7 +82,8 @@ def _number(value) -> bool:
 
 
 class RayExporter:
-    """Gauges ``<prefix>_<section>_<name>`` per numeric metric and the per-run counters, labelled ``run``/``job``."""
+    """Gauges ``<prefix>_<section>_<name>`` per numeric metric and the per-run counters, labelled ``run`` /
+    ``ray_job_id``."""
 
     def __init__(self, prefix: str, run_name: str, describe=None, refresh_s: float = REFRESH_S,
                  unit: str = "steps"):
@@ -100,7 +107,7 @@ class RayExporter:
 
     @property
     def tags(self) -> dict[str, str]:
-        """The ``run`` / ``job`` labels (resolved once Ray is connected)."""
+        """The ``run`` / ``ray_job_id`` labels (resolved once Ray is connected)."""
         if self._tags is None:
             self._tags = run_labels(self.run_name)
         return self._tags
@@ -157,7 +164,8 @@ class RayExporter:
                 return
 
     def close(self) -> None:
-        """Stop re-reporting (the run's gauges age out of ``/metrics`` within about 20 s)."""
+        """Stop re-reporting: the run's gauges age out of ``/metrics`` within about 20 s; its counters stay there,
+        frozen, until the node's Ray stops (see the module docstring)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2.0)

@@ -83,9 +83,13 @@ def watch_reward_replicas(serve_cfg):
 
 def concept_checkpoint_lines(model_cfg, concepts: list[str]) -> list[str]:
     """One line per concept naming the concept checkpoint the policy loads (directory, epoch, rows, token strings),
-    or a line saying the rows start from their default init. ``concepts`` in the policy's order."""
+    or a line saying the rows start from their default init. ``concepts`` in any order (e.g. concepts_list.json's):
+    they are listed, and their token strings named, in the policy's order, sorted by name
+    (:func:`backbone.build.build_policy` adds them that way, so the first sorted concept gets ``<token_0>`` ...)."""
     from backbone.build import _concept_dir
     from backbone.concepts import checkpoint_line, checkpoint_rows, concept_token_strings
+
+    concepts = sorted(concepts)
 
     if model_cfg.concept_checkpoint_dir is None:
         return [f"concept rows of {', '.join(concepts)}: default init (no model.concept_checkpoint_dir)"]

@@ -51,7 +51,11 @@ METRIC_DOCS: dict[str, str] = {
     "throughput/images_per_s": "Kept images per wall second of the step.",
     "faults/redispatched_groups": "Groups re-dispatched after a rollout actor failure (cumulative over the run).",
     "faults/dropped_experts": "Optional reward experts dropped this step (their weight renormalised away).",
-    "faults/reward_failures": "Failed reward-server attempts this step (retried or dropped), all experts.",
+    "faults/reward_failures": "Failed reward-server attempts this step (retried or dropped), all experts, counted by "
+                              "the client that saw them.",
+    "faults/reward_replicas_lost": "Reward replicas that died this step (SIGKILL, crash, OOM kill, lost node; read "
+                                   "from the GCS), also those whose requests Serve re-routed so no client saw an "
+                                   "error. Not part of faults/reward_failures: each failure is counted once.",
 }
 
 
@@ -66,7 +70,8 @@ def _corr(a: list[float], b: list[float]) -> float:
 
 
 def step_metrics(step: int, results: list, samples: list, learn: dict, dsog, times: dict, dispatcher,
-                 threshold_used: float | None = None, experts: list[str] | tuple = ()) -> dict:
+                 threshold_used: float | None = None, experts: list[str] | tuple = (),
+                 replicas_lost: float = 0.0) -> dict:
     """Everything the issue's metric list asks for, as a flat dict of floats keyed ``section/name``.
 
     ``results``: the step's GroupResults; ``samples``: their samples with advantages; ``learn``: the learner's
@@ -109,6 +114,7 @@ def step_metrics(step: int, results: list, samples: list, learn: dict, dsog, tim
     m["faults/redispatched_groups"] = float(getattr(dispatcher, "redispatched", 0))
     m["faults/dropped_experts"] = float(len({d for r in results for d in r.dropped}))
     m["faults/reward_failures"] = float(sum(sum(r.reward_failures.values()) for r in results))
+    m["faults/reward_replicas_lost"] = float(replicas_lost)
     return m
 
 

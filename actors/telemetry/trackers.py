@@ -5,13 +5,15 @@ numeric key, ``section/name``, at the 0-based step), the whole config once, the 
 Both default to offline stores inside the run folder, so nothing leaves the machine unless asked:
 
 - wandb: ``mode: offline`` into ``<run>/wandb`` (``wandb sync <run>/wandb/offline-run-*`` uploads later);
-- MLflow: a file store at ``<run>/mlflow`` (``mlflow ui --backend-store-uri <run>/mlflow`` shows it; MLflow 3
-  keeps that store behind ``MLFLOW_ALLOW_FILE_STORE=true``, which the tracker sets), or any tracking URI in
-  ``run.tracker.mlflow_tracking_uri``.
+- MLflow: a SQLite store ``<run>/mlflow.db`` with the artifacts (config, pictures) in ``<run>/mlflow-artifacts``
+  (``mlflow ui --backend-store-uri sqlite:///<absolute run>/mlflow.db`` shows it, REST API included; a database is
+  what MLflow 3 wants: its file store is in maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``), or any tracking
+  URI in ``run.tracker.mlflow_tracking_uri``.
 
-Neither package is a dependency of the core install (``pip install -e '.[trackers]'``). Asking for one that is not
-installed is a config error before any work starts; a tracker that fails during the run is logged and disabled,
-never the run.
+Neither package is a dependency of the core install: ``pip install -e '.[trackers]'`` installs wandb and the full
+``mlflow`` (its ``mlflow ui`` / ``mlflow server`` need Flask, SQLAlchemy and Alembic, which ``mlflow-skinny`` lacks).
+Asking for one that is not installed is a config error before any work starts; a tracker that fails during the run
+is logged and disabled, never the run.
 """
 from __future__ import annotations
 
@@ -62,6 +64,31 @@ class Tracker:
         """Finish the tracker's run."""
         raise NotImplementedError
 
+    def log_samples(self, path: Path, rows: list[dict], step: int) -> None:
+        """Log a step's sample records (``path``: ``<run>/samples/step_<N>.jsonl``, ``rows``: its rows, whose
+        ``image`` is relative to ``path``'s folder): wandb a Table ``samples`` with the images in a ``picture`` column
+        (an offline run also logs them as ``samples_images``: wandb keeps no table images offline), MLflow the JSONL
+        and the step's PNGs as artifacts under ``samples/``; other trackers ignore them."""
+        folder = Path(path).parent
+        if isinstance(self, WandbTracker):
+            wb = self._wandb
+            cols = list(rows[0]) if rows else []
+            table = wb.Table(columns=cols + ["picture"])
+            pictures = []
+            for r in rows:
+                caption = f"{r['prompt_index']}/{r['sample_index']} R={r['reward']} A={r['advantage']} {r['dsog']}"
+                pictures.append(wb.Image(str(folder / r["image"]), caption=caption))
+                table.add_data(*[str(v) if isinstance(v, list) else v for v in r.values()], pictures[-1])
+            logged = {"samples": table}
+            if getattr(self.run, "offline", False):
+                logged["samples_images"] = pictures
+            self.run.log(logged, step=int(step))
+        elif isinstance(self, MlflowTracker):
+            self.client.log_artifact(self.run_id, str(path), artifact_path="samples")
+            images = folder / Path(path).stem
+            if images.is_dir():
+                self.client.log_artifacts(self.run_id, str(images), artifact_path=f"samples/{images.name}")
+
 
 class WandbTracker(Tracker):
     """Weights & Biases, offline by default (``<run>/wandb``)."""
@@ -89,21 +116,36 @@ class WandbTracker(Tracker):
         self.run.finish()
 
 
+MLFLOW_DB = "mlflow.db"
+"""File name of the run's MLflow SQLite store (in the run folder)."""
+MLFLOW_ARTIFACTS = "mlflow-artifacts"
+"""Folder of the run's MLflow artifacts (in the run folder)."""
+
+
+def mlflow_store_uri(run_dir: Path) -> str:
+    """The default MLflow tracking URI of a run: ``sqlite:////<absolute run folder>/mlflow.db``."""
+    return "sqlite:///" + str((Path(run_dir) / MLFLOW_DB).resolve())
+
+
 class MlflowTracker(Tracker):
-    """MLflow through its client API; a file store in ``<run>/mlflow`` unless a tracking URI is given."""
+    """MLflow through its client API; a SQLite store ``<run>/mlflow.db`` (artifacts in ``<run>/mlflow-artifacts``)
+    unless a tracking URI is given."""
 
     name = "mlflow"
 
     def __init__(self, cfg: TrackerConfig, run_dir: Path, run_name: str, config: dict):
         from mlflow.tracking import MlflowClient
 
-        uri = cfg.mlflow_tracking_uri or (Path(run_dir) / "mlflow").resolve().as_uri()
+        uri = cfg.mlflow_tracking_uri or mlflow_store_uri(run_dir)
         if uri.startswith("file:") or "://" not in uri:
             # MLflow >= 3.x keeps the file store (the only backend without a database) behind this opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(cfg.project)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(cfg.project)
+        # a database store's default artifact root is ./mlruns of the working directory: keep them in the run
+        artifacts = None if cfg.mlflow_tracking_uri else (Path(run_dir) / MLFLOW_ARTIFACTS).resolve().as_uri()
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
+            cfg.project, artifact_location=artifacts)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         self.tracking_uri = uri
         params = flatten(config)

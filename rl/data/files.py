@@ -47,6 +47,12 @@ class DataConfig:
     verify_images: bool = True
     """Decode every image once at load time so a broken or truncated file fails before any work starts
     (images are then loaded lazily)."""
+    max_json_bytes: int = 16 * 1024 * 1024
+    """Largest JSON file of the dataset accepted, in bytes, checked before the file is read or parsed (far above any
+    file of the released layout; a larger one is a wrong file, and parsing it would take memory out of proportion)."""
+    max_json_items: int = 200_000
+    """Most values one JSON file of the dataset may hold, counting every list element and object member at any depth
+    (far above any file of the released layout)."""
     reasoning_train_fraction: float = 0.5
     """Share of ``test/<c>/t2i_conditions.json["personalized_driven_generation"]`` used as training reasoning
     prompts: the first ``int((n + 1) * fraction)`` prompts, each paired by index with ``extra_info``; the rest are
@@ -63,6 +69,8 @@ class DataConfig:
             raise ValueError("data.reader.reasoning_train_fraction must be in (0, 1]")
         if self.max_image_pixels < 1 or self.min_image_side < 1:
             raise ValueError("data.reader.max_image_pixels and data.reader.min_image_side must be >= 1")
+        if self.max_json_bytes < 1 or self.max_json_items < 1:
+            raise ValueError("data.reader.max_json_bytes and data.reader.max_json_items must be >= 1")
 
 
 @dataclass
@@ -102,19 +110,44 @@ class TestItem:
 
 
 # ------------------------------------------------------------------------------------------ files
-def read_json(path: Path, required: bool = True) -> Any:
-    """Parsed JSON of ``path`` (None when absent and not ``required``); DatasetError on a missing file, invalid
-    JSON or non-UTF-8 text."""
+def _count_items(value: Any) -> int:
+    """Every list element and object member in ``value``, at any depth."""
+    n, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            n += len(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            n += len(v)
+            stack.extend(v)
+    return n
+
+
+def read_json(path: Path, required: bool = True, cfg: DataConfig | None = None) -> Any:
+    """Parsed JSON of ``path`` (None when absent and not ``required``); DatasetError on a missing file, a file above
+    ``cfg.max_json_bytes`` (checked before reading it) or holding more than ``cfg.max_json_items`` values, invalid
+    JSON or non-UTF-8 text. ``cfg``: the ``data.reader`` limits (None = their defaults)."""
+    cfg = cfg or DataConfig()
     if not path.is_file():
         if not required:
             return None
         raise DatasetError(f"{path}: required file is missing")
+    size = path.stat().st_size
+    if size > cfg.max_json_bytes:
+        raise DatasetError(f"{path}: {size} bytes, above the limit data.reader.max_json_bytes={cfg.max_json_bytes} "
+                           "(not read; raise the limit if the file is meant to be this large)")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes()[:cfg.max_json_bytes + 1].decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    items = _count_items(data)
+    if items > cfg.max_json_items:
+        raise DatasetError(f"{path}: {items} values (list elements and object members), above the limit "
+                           f"data.reader.max_json_items={cfg.max_json_items}")
+    return data
 
 
 def load_image(path: Path, cfg: DataConfig | None = None) -> np.ndarray:
@@ -198,11 +231,11 @@ def derive_category(info: dict, path: Path) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ t2i conditions
-def read_t2i_conditions(path: Path, required: bool = True) -> dict[str, list[str]]:
+def read_t2i_conditions(path: Path, required: bool = True, cfg: DataConfig | None = None) -> dict[str, list[str]]:
     """``t2i_conditions.json`` in both released forms: a dict of prompt lists (``grpo.py`` reads
     ``["personalized_driven_generation"]``) or a plain list (``eval/gen_p_images_for_mmu_t2i.py``), which lands
     under that key. {} when absent and not ``required``."""
-    raw = read_json(path, required=required)
+    raw = read_json(path, required=required, cfg=cfg)
     if raw is None:
         return {}
     raw = {T2I_DEFAULT_KEY: raw} if isinstance(raw, list) else raw
@@ -231,11 +264,11 @@ def split_reasoning(prompts: list[str], extra_info: list[str], fraction: float
 
 
 # ------------------------------------------------------------------------------------------ train_images.json
-def read_train_images(root: Path) -> dict[str, list[str]] | None:
+def read_train_images(root: Path, cfg: DataConfig | None = None) -> dict[str, list[str]] | None:
     """``concept/train/train_images.json`` ({concept: [file names]}, the reference images of the released CLIP
     and face rewards and of k-means init); None when absent."""
     path = root / "concept" / "train" / "train_images.json"
-    raw = read_json(path, required=False)
+    raw = read_json(path, required=False, cfg=cfg)
     if raw is None:
         return None
     if not isinstance(raw, dict):
@@ -273,12 +306,12 @@ def _resolve_test_image(raw: str, root: Path, concept: str) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def read_test_items(root: Path, concept: str) -> list[TestItem] | None:
+def read_test_items(root: Path, concept: str, cfg: DataConfig | None = None) -> list[TestItem] | None:
     """``test_data/<c>.json`` as ``eval/eval_p_mmu.py`` reads it (list of {"image", "type", "conversations": [human,
     gpt]}); image paths are resolved against the dataset root (absolute paths from another machine are re-rooted at
     their ``concept/`` part). None when the file is absent."""
     path = root / "test_data" / f"{concept}.json"
-    raw = read_json(path, required=False)
+    raw = read_json(path, required=False, cfg=cfg)
     if raw is None:
         return None
     if not isinstance(raw, list):

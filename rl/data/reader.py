@@ -248,14 +248,14 @@ def _qa_collection(data: Any, path: Path) -> list[QA]:
     return _qa_list(data, path, "top level")
 
 
-def _read_optional_qa(path: Path) -> list[QA]:
-    return _qa_collection(read_json(path), path) if path.exists() else []
+def _read_optional_qa(path: Path, cfg: DataConfig | None = None) -> list[QA]:
+    return _qa_collection(read_json(path, cfg=cfg), path) if path.exists() else []
 
 
 # ------------------------------------------------------------------------------------------ readers
-def _read_info(name: str, folder: Path) -> ConceptInfo:
+def _read_info(name: str, folder: Path, cfg: DataConfig | None = None) -> ConceptInfo:
     path = folder / "info.json"
-    d = read_json(path)
+    d = read_json(path, cfg=cfg)
     if not isinstance(d, dict):
         raise DatasetError(f"{path}: expected a JSON object, got {type(d).__name__}")
     category, source = derive_category(d, path)
@@ -273,10 +273,11 @@ def _read_info(name: str, folder: Path) -> ConceptInfo:
                        conversation_type=_str(d, "conversation_type", path, required=False), category_source=source)
 
 
-def _read_conversations(root: Path, folder: Path, images: list[ImageRef]) -> dict[str, list[QA]]:
+def _read_conversations(root: Path, folder: Path, images: list[ImageRef], cfg: DataConfig | None = None
+                        ) -> dict[str, list[QA]]:
     """Image file name -> QA list; keys matched to images as the released grpo.py does (substring of the path)."""
     path = folder / "conversations.json"
-    d = read_json(path, required=False)
+    d = read_json(path, required=False, cfg=cfg)
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -290,13 +291,13 @@ def _read_conversations(root: Path, folder: Path, images: list[ImageRef]) -> dic
     return out
 
 
-def read_reasoning(folder: Path, info: ConceptInfo) -> list[ReasoningPrompt] | None:
+def read_reasoning(folder: Path, info: ConceptInfo, cfg: DataConfig | None = None) -> list[ReasoningPrompt] | None:
     """``<folder>/reasoning.json`` ({prompt, answer_index | answer} items) checked against ``info.extra_info``;
     None when the file is absent (the optional override of the t2i_conditions pairing)."""
     path = folder / "reasoning.json"
     if not path.exists():
         return None
-    d = read_json(path)
+    d = read_json(path, cfg=cfg)
     if not isinstance(d, list):
         raise DatasetError(f"{path}: expected a list of {{'prompt', 'answer_index'|'answer'}} objects")
     out = []
@@ -327,7 +328,7 @@ def read_reasoning(folder: Path, info: ConceptInfo) -> list[ReasoningPrompt] | N
 def _personalized_split(root: Path, info: ConceptInfo, cfg: DataConfig
                         ) -> tuple[list[ReasoningPrompt], list[ReasoningPrompt], list[str], dict[str, list[str]]]:
     path = root / "concept" / "test" / info.name / "t2i_conditions.json"
-    t2i = read_t2i_conditions(path, required=False)
+    t2i = read_t2i_conditions(path, required=False, cfg=cfg)
     prompts = t2i.get(T2I_DEFAULT_KEY, [])
     train, held, unpaired = split_reasoning(prompts, info.extra_info, cfg.reasoning_train_fraction)
     for rp in train:
@@ -344,7 +345,7 @@ def _read_train(root: Path, name: str, cfg: DataConfig, train_images: dict[str, 
     folder = root / "concept" / "train" / name
     if not folder.is_dir():
         raise DatasetError(f"{folder}: training folder of concept {name!r} is missing")
-    info = _read_info(name, folder)
+    info = _read_info(name, folder, cfg)
     images = _refs(image_files(folder), cfg)
     if not images:
         raise DatasetError(f"{folder}: no training images (png/jpg/jpeg/webp/bmp, names without 'mask')")
@@ -360,7 +361,7 @@ def _read_train(root: Path, name: str, cfg: DataConfig, train_images: dict[str, 
         references = _refs([folder / f for f in train_images[name]], cfg)
         if not references:
             raise DatasetError(f"{ti}: field {name!r} lists no reference image")
-    override = read_reasoning(folder, info)
+    override = read_reasoning(folder, info, cfg)
     if override is not None:
         reasoning, source = override, "reasoning.json"
     else:
@@ -371,29 +372,29 @@ def _read_train(root: Path, name: str, cfg: DataConfig, train_images: dict[str, 
         source = "t2i_conditions" if reasoning else "none"
     train = ConceptTrain(
         images=images, cropped=_refs(image_files(folder / "cropped"), cfg) or list(images), references=references,
-        conversations=_read_conversations(root, folder, images), reasoning=reasoning, reasoning_source=source,
-        positive_recognitions=_read_optional_qa(folder / "positive_recognitions.json"),
-        random_recognitions=_read_optional_qa(folder / "random_recognitions.json"),
+        conversations=_read_conversations(root, folder, images, cfg), reasoning=reasoning, reasoning_source=source,
+        positive_recognitions=_read_optional_qa(folder / "positive_recognitions.json", cfg),
+        random_recognitions=_read_optional_qa(folder / "random_recognitions.json", cfg),
         negative_examples=_refs(image_files(folder / "negative_example"), cfg))
     return info, train
 
 
 def _read_test(root: Path, info: ConceptInfo, cfg: DataConfig, split: tuple | None = None) -> ConceptTest:
     folder = root / "concept" / "test" / info.name
-    items = read_test_items(root, info.name)
+    items = read_test_items(root, info.name, cfg)
     if not folder.is_dir() and items is None:
         raise DatasetError(f"{folder}: test folder of concept {info.name!r} is missing (and no test_data/"
                            f"{info.name}.json)")
     _, held, unpaired, t2i = split or _personalized_split(root, info, cfg)
-    override = read_reasoning(folder, info)
+    override = read_reasoning(folder, info, cfg)
     if override is not None:
         held, unpaired = override, []
     vqa_path, qa_path = folder / "vqa.json", folder / "text_only.json"
     if items is not None and cfg.verify_images:
         for it in items:
             load_image(it.image, cfg)
-    return ConceptTest(images=_refs(image_files(folder), cfg), vqa=_read_optional_qa(vqa_path),
-                       text_only=_read_optional_qa(qa_path), t2i_conditions=t2i, held_out=held, unpaired=unpaired,
+    return ConceptTest(images=_refs(image_files(folder), cfg), vqa=_read_optional_qa(vqa_path, cfg),
+                       text_only=_read_optional_qa(qa_path, cfg), t2i_conditions=t2i, held_out=held, unpaired=unpaired,
                        items=items)
 
 
@@ -430,7 +431,7 @@ def load_concept_dataset(root: str | Path, concepts: list[str] | None = None, *,
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root is not a directory")
     list_path = root / "concepts_list.json"
-    names = read_json(list_path)
+    names = read_json(list_path, cfg=cfg)
     if not isinstance(names, list) or not names:
         raise DatasetError(f"{list_path}: expected a non-empty list of concept names")
     for i, n in enumerate(names):
@@ -444,7 +445,7 @@ def load_concept_dataset(root: str | Path, concepts: list[str] | None = None, *,
             raise DatasetError(f"unknown concept {n!r}: not in {list_path} (known: {names})")
     black = root / "black_512x512.png"
     load_image(black, cfg)
-    train_images = read_train_images(root)
+    train_images = read_train_images(root, cfg)
     out: dict[str, Concept] = {}
     splits: dict = {}
     for n in wanted:

@@ -10,13 +10,28 @@ released file lives beside the released code; ``eval.prompts_to_eval`` points at
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+
+from rl.data.layout import (
+    BLACK_NAME,
+    RANDOM_IMAGE_SOURCES,
+    black_image,
+    crop_box,
+    dump_json,
+    info_record,
+    random_images,
+    recognition_records,
+    save_png,
+    skimage_photo,
+    square_box,
+    t2i_conditions_record,
+    test_data_items,
+    to_rgb,
+)
 
 __all__ = ["write_sample_dataset", "SAMPLE_CONCEPTS", "MARKER"]
 
@@ -97,113 +112,59 @@ _DREAMBOOTH = {
 }
 
 
-def _rgb(a: np.ndarray) -> np.ndarray:
-    if a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    if a.ndim == 2:
-        a = np.stack([a] * 3, axis=-1)
-    return np.ascontiguousarray(a[..., :3].astype(np.uint8))
-
-
-def _photo(name: str) -> np.ndarray:
-    import skimage.data
-
-    return _rgb(getattr(skimage.data, name)())
-
-
-def _crop(img: np.ndarray, box: tuple[float, float, float, float], size: int, flip: bool = False) -> Image.Image:
-    h, w = img.shape[:2]
-    y0, y1, x0, x1 = box
-    y0, y1 = int(round(y0 * h)), max(int(round(y1 * h)), int(round(y0 * h)) + 1)
-    x0, x1 = int(round(x0 * w)), max(int(round(x1 * w)), int(round(x0 * w)) + 1)
-    im = Image.fromarray(img[y0:y1, x0:x1]).resize((size, size), Image.Resampling.BICUBIC)
-    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
-
-
-def _square(frac: float, cy: float, cx: float, shape: tuple[int, int]) -> tuple[float, float, float, float]:
-    """A square box of side frac·min(h, w) centred at (cy, cx) (fractions), kept inside the image."""
-    h, w = shape
-    s = frac * min(h, w)
-    y0 = min(max(cy * h - s / 2, 0), h - s)
-    x0 = min(max(cx * w - s / 2, 0), w - s)
-    return (y0 / h, (y0 + s) / h, x0 / w, (x0 + s) / w)
-
-
 def _variants(img: np.ndarray) -> list[tuple[tuple[float, float, float, float], bool]]:
     """Five training views: centre square, its mirror, two small shifts, a zoom."""
     sh = img.shape[:2]
-    return [(_square(1.0, 0.5, 0.5, sh), False), (_square(1.0, 0.5, 0.5, sh), True),
-            (_square(0.9, 0.45, 0.45, sh), False), (_square(0.9, 0.55, 0.55, sh), False),
-            (_square(0.8, 0.5, 0.5, sh), True)]
-
-
-def _save(im: Image.Image | np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(im, np.ndarray):
-        im = Image.fromarray(im)
-    im.save(path, format="PNG", compress_level=6)
-
-
-def _dump(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [(square_box(1.0, 0.5, 0.5, sh), False), (square_box(1.0, 0.5, 0.5, sh), True),
+            (square_box(0.9, 0.45, 0.45, sh), False), (square_box(0.9, 0.55, 0.55, sh), False),
+            (square_box(0.8, 0.5, 0.5, sh), True)]
 
 
 def _write_concept(root: Path, name: str, size: int, t2i_as_list: bool, test_data: bool,
                    log: Callable[[str], None]) -> None:
     loader, cls, category, box = _SOURCES[name]
     text = _TEXT[name]
-    img = _photo(loader)
+    img = skimage_photo(loader)
     tr = root / "concept" / "train" / name
     te = root / "concept" / "test" / name
     views = _variants(img)
     for i, (b, flip) in enumerate(views):
-        _save(_crop(img, b, size, flip), tr / f"{i}.png")
-        _save(_crop(img, box, size, flip=(i % 2 == 1)), tr / "cropped" / f"{i}.png")
+        save_png(crop_box(img, b, size, flip), tr / f"{i}.png")
+        save_png(crop_box(img, box, size, flip=(i % 2 == 1)), tr / "cropped" / f"{i}.png")
     # a segmentation mask beside the photos, as in the released data: every reader must skip it ("mask" in name)
-    _save(np.where(_rgb(np.asarray(_crop(img, views[0][0], size))) > 127, 255, 0).astype(np.uint8),
-          tr / "cropped" / "0_mask.png")
+    save_png(np.where(to_rgb(np.asarray(crop_box(img, views[0][0], size))) > 127, 255, 0).astype(np.uint8),
+             tr / "cropped" / "0_mask.png")
     # test images: other views (not used by training)
-    _save(_crop(img, _square(0.85, 0.4, 0.6, img.shape[:2]), size), te / "0.png")
-    _save(_crop(img, _square(0.85, 0.6, 0.4, img.shape[:2]), size, flip=True), te / "1.png")
+    save_png(crop_box(img, square_box(0.85, 0.4, 0.6, img.shape[:2]), size), te / "0.png")
+    save_png(crop_box(img, square_box(0.85, 0.6, 0.4, img.shape[:2]), size, flip=True), te / "1.png")
     # hard negatives: the photo with colours permuted / inverted (same layout, different appearance)
     neg = root / "concept" / "train" / name / "negative_example"
-    _save(_crop(img[..., ::-1].copy(), views[0][0], size), neg / "0.png")
-    _save(_crop(255 - img, views[0][0], size), neg / "1.png")
-    _dump({"0.png": 0.61, "1.png": 0.42}, neg / "score.json")
+    save_png(crop_box(img[..., ::-1].copy(), views[0][0], size), neg / "0.png")
+    save_png(crop_box(255 - img, views[0][0], size), neg / "1.png")
+    dump_json({"0.png": 0.61, "1.png": 0.42}, neg / "score.json")
     # info.json as released: no "category" (derived from conversation_type / class / generation_type)
-    _dump({"class": cls, "info": text["info"], "extra_info": text["extra_info"],
-           "conversation_type": category, "generation_type": "object" if category == "object" else "live_subject"},
-          tr / "info.json")
+    dump_json(info_record(cls, category, text["info"], text["extra_info"]), tr / "info.json")
     qa = text["qa"]
-    _dump({f"{i}.png": [{"query": q, "answer": a} for q, a in (qa[i % 3], qa[(i + 1) % 3])]
-           for i in range(len(views))}, tr / "conversations.json")
+    dump_json({f"{i}.png": [{"query": q, "answer": a} for q, a in (qa[i % 3], qa[(i + 1) % 3])]
+               for i in range(len(views))}, tr / "conversations.json")
     tok = f"<{name}>"
-    _dump({f"{i}.png": [{"query": f"Is {tok} in this photo?", "answer": f"Yes, {tok} is in this photo."}]
-           for i in range(len(views))}, tr / "positive_recognitions.json")
-    _dump([{"image": f"random_images/{i}.png", "query": f"Is {tok} in this photo?",
-            "answer": f"No, {tok} is not in this photo."} for i in range(4)], tr / "random_recognitions.json")
-    _dump({"0.png": [{"query": qa[0][0], "answer": qa[0][1]}], "1.png": [{"query": qa[1][0], "answer": qa[1][1]}]},
-          te / "vqa.json")
-    _dump([{"query": f"What does {tok} do? Answer from what you know.", "answer": text["extra_info"][4]},
-           {"query": f"Describe {tok}.", "answer": text["info"]}], te / "text_only.json")
+    pos, rand = recognition_records(tok, [f"{i}.png" for i in range(len(views))],
+                                    [f"random_images/{i}.png" for i in range(4)])
+    dump_json(pos, tr / "positive_recognitions.json")
+    dump_json(rand, tr / "random_recognitions.json")
+    dump_json({"0.png": [{"query": qa[0][0], "answer": qa[0][1]}], "1.png": [{"query": qa[1][0], "answer": qa[1][1]}]},
+              te / "vqa.json")
+    dump_json([{"query": f"What does {tok} do? Answer from what you know.", "answer": text["extra_info"][4]},
+               {"query": f"Describe {tok}.", "answer": text["info"]}], te / "text_only.json")
     # personalized-driven prompts, index-paired with extra_info: the first half trains (grpo.py), the rest is held out
     prompts = [p for p, _ in text["reasoning"]] + text["test_t2i"]
-    _dump(prompts if t2i_as_list else {"personalized_driven_generation": prompts}, te / "t2i_conditions.json")
+    dump_json(t2i_conditions_record(prompts, as_list=t2i_as_list), te / "t2i_conditions.json")
     if test_data:   # gen_test_data.py's output, read by eval/eval_p_mmu.py
-        items = [{"image": f"concept/test/{name}/{i}.png", "type": "rec",
-                  "conversations": [{"from": "human", "value": f"<image>\nIs {tok} in this photo?"},
-                                    {"from": "gpt", "value": "Yes."}]} for i in range(2)]
-        items += [{"image": f"random_images/{i}.png", "type": "rec",
-                   "conversations": [{"from": "human", "value": f"<image>\nIs {tok} in this photo?"},
-                                     {"from": "gpt", "value": "No."}]} for i in range(2)]
-        items += [{"image": f"concept/test/{name}/{i}.png", "type": "vqa",
-                   "conversations": [{"from": "human", "value": f"<image>\n{qa[i][0]}"},
-                                     {"from": "gpt", "value": qa[i][1]}]} for i in range(2)]
-        items += [{"image": "black_512x512.png", "type": "text_only",
-                   "conversations": [{"from": "human", "value": f"<image>\nDescribe {tok}."},
-                                     {"from": "gpt", "value": text["info"]}]}]
-        _dump(items, root / "test_data" / f"{name}.json")
+        items = test_data_items(tok, [f"concept/test/{name}/{i}.png" for i in range(2)],
+                                [f"random_images/{i}.png" for i in range(2)],
+                                [(f"concept/test/{name}/{i}.png", qa[i][0], qa[i][1]) for i in range(2)],
+                                [(f"Describe {tok}.", text["info"])])
+        dump_json(items, root / "test_data" / f"{name}.json")
     log(f"  concept {name}: {category}/{cls}, {len(views)} training images")
 
 
@@ -227,16 +188,15 @@ def write_sample_dataset(out: str | Path, *, force: bool = False, image_size: in
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by rl.data.sample.write_sample_dataset\n", encoding="utf-8")
     log(f"writing sample dataset to {out} ({image_size}x{image_size} images)")
-    _dump(list(SAMPLE_CONCEPTS), out / "concepts_list.json")
-    _save(np.zeros((512, 512, 3), np.uint8), out / "black_512x512.png")
-    for i, name in enumerate(("camera", "rocket", "coins", "hubble_deep_field")):
-        src = _photo(name)
-        _save(_crop(src, _square(1.0, 0.5, 0.5, src.shape[:2]), image_size), out / "random_images" / f"{i}.png")
-    log("  random_images: 4")
+    dump_json(list(SAMPLE_CONCEPTS), out / "concepts_list.json")
+    save_png(black_image(), out / BLACK_NAME)
+    for i, im in enumerate(random_images(image_size)):
+        save_png(im, out / "random_images" / f"{i}.png")
+    log(f"  random_images: {len(RANDOM_IMAGE_SOURCES)}")
     for i, name in enumerate(SAMPLE_CONCEPTS):
         _write_concept(out, name, image_size, t2i_as_list=(i == 0), test_data=(i < 2), log=log)
-    _dump({name: [f"{i}.png" for i in range(5)] for name in SAMPLE_CONCEPTS},
-          out / "concept" / "train" / "train_images.json")
-    _dump(_DREAMBOOTH, out / "prompts_to_eval.json")
+    dump_json({name: [f"{i}.png" for i in range(5)] for name in SAMPLE_CONCEPTS},
+              out / "concept" / "train" / "train_images.json")
+    dump_json(_DREAMBOOTH, out / "prompts_to_eval.json")
     log("done")
     return out

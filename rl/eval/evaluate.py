@@ -15,8 +15,11 @@ Per concept (metric definitions in :mod:`rl.eval.metrics`, items in :mod:`rl.eva
   released face evaluation's prompt) where a face is detected.
 * **Rea. Gen.**: images from CP = IP + the model's own reasoning answer; CLIP-I, and CLIP-T against the explicit
   prompt IP + the correct item (the paper: "replace the inferential part with specific details").
-* **Dense Rea. / Dense Gen.**: only with a judge (:mod:`rl.eval.judge`, e.g. the OpenAI-compatible one); Dense Gen.
-  prompts are the t2i_conditions lists whose key contains "dense", else the Rea. Gen. explicit prompts.
+* **Dense Rea. / Dense Gen.**: only with a judge (:mod:`rl.eval.judge`, e.g. the OpenAI-compatible one). Dense Gen.
+  images come from the t2i_conditions lists whose key contains "dense", else from the Rea. Gen. prompts; the judge is
+  sent the ``t2i_conditions`` prompt itself, as written (``<c>`` and all), as the released ``eval/4o_judge_t2i.py``
+  does, never the explicit prompt with the correct extra_info item (that would hand the judge the answer). Dense
+  Rea. sends the judge the question as ``eval/eval_p_mmu.py`` does: the style's system prompt + the prompt.
 
 Deterministic: greedy answers; image ``j`` of prompt ``i`` of kind ``k`` draws only from
 ``make_generator(sample_seed(eval.seed, 0, i, j, 0, f"eval/{concept}/{k}"))`` (rl.grpo.seeding, D7), so results
@@ -202,27 +205,29 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
                 for t, a in zip(tasks, a_rea)]}
     recog = M.weighted_accuracy([it["correct"] for it in items["rec"] if it["expected"] == "yes"],
                                 [it["correct"] for it in items["rec"] if it["expected"] == "no"])
-    # ---- generation jobs: (kind, prompt index, Show-o text, CLIP-T / judge text)
+    # ---- generation jobs: (kind, prompt index, Show-o text, CLIP-T text, judge prompt: the t2i_conditions prompt
+    # as written, as the released 4o judge sends it; None = not judged)
     budget = text_budget(cfg.rollout.max_text_len)
-    jobs = [("pure", i, expand_concept(p, tokens), reward_prompt(p, tokens, info.class_word))
+    jobs = [("pure", i, expand_concept(p, tokens), reward_prompt(p, tokens, info.class_word), None)
             for i, p in enumerate(cap(pure_gen_prompts(info, dreambench), ecfg.max_gen_prompts, limit))]
     if info.category == "human" and scorers.fer is not None:   # the released face eval's prompt
         photo = PHOTO_PROMPT.replace("<c>", info.token)
-        jobs.append(("photo", 0, expand_concept(photo, tokens), reward_prompt(photo, tokens, info.class_word)))
+        jobs.append(("photo", 0, expand_concept(photo, tokens), reward_prompt(photo, tokens, info.class_word), None))
     for i, (t, a) in enumerate(zip(tasks, a_rea)):
         explicit = reward_prompt(f"{compound_fixed_part(t, tokens)} {t.reference}", tokens, info.class_word)
-        jobs.append(("rea", i, build_compound_prompt(t, a, tokens, policy.tok, budget=budget)[0], explicit))
+        jobs.append(("rea", i, build_compound_prompt(t, a, tokens, policy.tok, budget=budget)[0], explicit,
+                     t.gen_prompt))
     dense = [p for k, v in test.t2i_conditions.items() if "dense" in k.lower() for p in v]
     if scorers.judge is not None:
         jobs += [("dense", i, expand_concept(p, tokens) if info.token in p else p,
-                  reward_prompt(p, tokens, info.class_word))
+                  reward_prompt(p, tokens, info.class_word), p)
                  for i, p in enumerate(cap(dense, ecfg.max_gen_prompts, limit))]
     flat = [(job, j) for job in jobs for j in range(ecfg.images_per_prompt)]
     seeds = [sample_seed(ecfg.seed, 0, job[1], j, 0, f"eval/{name}/{job[0]}") for job, j in flat]
     codes, images = generate_images(policy, [job[2] for job, _ in flat], seeds, cfg.sampler,
                                     cfg.rollout.max_text_len, ecfg.batch_size)
     gen = [{"kind": job[0], "prompt_index": job[1], "image_index": j, "seed": s, "prompt": job[2],
-            "clip_text": job[3]} for (job, j), s in zip(flat, seeds)]
+            "clip_text": job[3], "judge_prompt": job[4]} for (job, j), s in zip(flat, seeds)]
     kinds = np.array([g["kind"] for g in gen])
     metrics: dict[str, Any] = {"rec": recog["weighted"], "vqa": M.mean_or_none(x["bleu"] for x in items["vqa"]),
                                "qa": M.mean_or_none(x["bleu"] for x in items["qa"]),
@@ -254,7 +259,8 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
                 metrics["face"] = float(np.mean(sc))
             else:
                 notes["face"] = f"no face detected in the {len(pure)} '{PHOTO_PROMPT}' image(s)"
-    _judge(scorers.judge, tasks, a_rea, gen, images, metrics, notes, bool(dense), info)
+    queries = [system_question(t.question, tokens, style) for t in tasks]   # eval_p_mmu.py: system prompt + question
+    _judge(scorers.judge, tasks, queries, a_rea, gen, images, metrics, notes, bool(dense), info)
     metrics.update(perceptual_metrics(scorers.perceptual, images, gen))
     metrics.update(rec_pos_acc=recog["pos_acc"], rec_neg_acc=recog["neg_acc"], rec_acc=recog["acc"])
     if items["choice"]:
@@ -265,13 +271,15 @@ def _concept(cfg, ecfg, policy, dataset, scorers: EvalScorers, name: str, limit:
             "notes": notes, "items": {**items, "generation": gen}, "_images": images, "_codes": codes}
 
 
-def _judge(judge, tasks, answers, gen, images, metrics, notes, has_dense: bool, info) -> None:
+def _judge(judge, tasks, queries, answers, gen, images, metrics, notes, has_dense: bool, info) -> None:
+    """Dense Rea. (each reasoning answer against its fact, asked with ``queries``) and Dense Gen. (each judged image
+    against its ``judge_prompt``: the t2i_conditions prompt as written)."""
     metrics["dense_rea"] = metrics["dense_gen"] = None
     if judge is None:
         notes["judge"] = "not computed: no judge configured (eval.judge)"
         return
-    scores = [check_judge_score(judge.answer_score(t.question, a, t.reference), judge.name, "answer_score")
-              for t, a in zip(tasks, answers)]
+    scores = [check_judge_score(judge.answer_score(q, a, t.reference), judge.name, "answer_score")
+              for q, t, a in zip(queries, tasks, answers)]
     metrics["dense_rea"] = M.mean_or_none(scores)
     kind = "dense" if has_dense else "rea"
     per_image = []
@@ -282,11 +290,12 @@ def _judge(judge, tasks, answers, gen, images, metrics, notes, has_dense: bool, 
         block = concept_info_text(info.name, info.info, info.extra_info)
     for i, g in enumerate(gen):
         if g["kind"] == kind and block is not None:
-            g["judge"] = check_judge_score(judge.image_score(images[i], g["clip_text"], block), judge.name,
+            g["judge"] = check_judge_score(judge.image_score(images[i], g["judge_prompt"], block), judge.name,
                                            "image_score")
             per_image.append(g["judge"])
         elif g["kind"] == kind:
-            segs = M.segment_prompt(g["clip_text"])
+            # no concept block here: the judge reads the prompt with the class word for <c> (as CLIP-T does)
+            segs = M.segment_prompt(g["judge_prompt"].replace(info.token, info.class_word))
             vals = [check_judge_score(v, judge.name, "segment_scores") for v in judge.segment_scores(images[i], segs)]
             if len(vals) != len(segs):
                 raise ValueError(f"judge {judge.name!r}: segment_scores gave {len(vals)} scores for {len(segs)} "

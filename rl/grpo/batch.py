@@ -11,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["RolloutSample", "validate_sample", "validate_batch", "sort_samples", "sample_key"]
+__all__ = ["RolloutSample", "validate_sample", "validate_batch", "sort_samples", "sample_key", "per_sample_attempts"]
 
 
 @dataclass
@@ -67,6 +67,18 @@ class RolloutSample:
     """Combined reward R (filled by the controller)."""
     advantage: float = 0.0
     """Dr.GRPO advantage R - mean(R_group) (filled by the controller)."""
+    question: str = ""
+    """The understanding question as the data writes it (visual) or the reasoning prompt IP (text), "<c>" kept."""
+    reference: str = ""
+    """The reference answer (visual) or the target extra_info item (text) the answer is rewarded against."""
+    input_image: str = ""
+    """File name of the understanding task's input image (a training photo, or the black placeholder)."""
+    reward_text: str = ""
+    """The text the screen and the reward experts scored the image against (``rl.grpo.tasks.reward_prompt``)."""
+    attempt_scores: list[float] = field(default_factory=list)
+    """DSOG screen score of every attempt drawn for this sample, in order (empty when DSOG is off)."""
+    forced: bool = False
+    """True when no attempt passed the DSOG threshold and the best-screened one was kept at the cap."""
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -186,6 +198,31 @@ def sample_key(s: RolloutSample) -> tuple[int, int, int]:
 def sort_samples(samples: Iterable[RolloutSample]) -> list[RolloutSample]:
     """Samples in id order, the order the learner consumes them in (D7)."""
     return sorted(samples, key=sample_key)
+
+
+def per_sample_attempts(scores: list[float], passed: list[bool], attempts: list[int]
+                        ) -> list[tuple[list[float], bool]]:
+    """Split a shard's attempt-major DSOG log into (screen scores, forced) per sample.
+
+    ``scores`` / ``passed`` list every attempt round by round, each round's samples in increasing order (how
+    :class:`rl.grpo.dsog.AttemptBatch` logs them); ``attempts`` is each sample's attempt count, so round ``r`` holds
+    exactly the samples with more than ``r`` attempts. A sample is forced when none of its attempts passed. With an
+    empty log (DSOG off) every sample gets ``([], False)``; a log that does not add up raises ValueError.
+    """
+    if not scores:
+        return [([], False) for _ in attempts]
+    if len(scores) != len(passed) or len(scores) != sum(attempts):
+        raise ValueError(f"per_sample_attempts: {len(scores)} scores / {len(passed)} decisions for attempts "
+                         f"{list(attempts)} (sum {sum(attempts)})")
+    out: list[tuple[list[float], list[bool]]] = [([], []) for _ in attempts]
+    k = 0
+    for r in range(max(attempts, default=0)):
+        for i, n in enumerate(attempts):
+            if n > r:
+                out[i][0].append(float(scores[k]))
+                out[i][1].append(bool(passed[k]))
+                k += 1
+    return [(s, not any(p)) for s, p in out]
 
 
 def field_names() -> list[str]:

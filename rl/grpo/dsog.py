@@ -4,9 +4,16 @@ A sample is generated up to ``screen_step``; its predicted grid is decoded and s
 expert. It continues only if ``score > threshold``; otherwise it is discarded and redrawn from step 0 (same
 IR and prompt). At ``max_attempts`` the best-screened attempt is kept and counted as *forced*.
 
-Threshold (paper Eq. 9 as fixed by D6). T₀ = the (1 − TPR) quantile of the first batch's screen scores
-(every first attempt passes while uncalibrated), or ``initial_threshold``. Then after each batch with pass
-rate PR = passed attempts / attempts:
+The attempt rule lives here once: :class:`AttemptLoop` decides for one sample, :class:`AttemptBatch` runs the loops
+of a shard's samples round by round (the rollout engine draws all pending samples to the screen step together,
+scores their previews in one call, redraws the rejected ones as a smaller batch and resumes the kept ones
+together). Ties at the cap keep the first best-screened attempt.
+
+Threshold (paper Eq. 9 as fixed by D6). T₀ = the (1 − TPR) quantile of the first batch's screen scores, or
+``initial_threshold``. In the rollout (:class:`AttemptBatch` with ``calibrate``) an uncalibrated shard computes T₀
+from its first round's scores and judges that same round against it, so about TPR of the first attempts pass; a
+bare :class:`AttemptLoop` / :meth:`DSOGController.observe_batch` without a threshold instead lets every first attempt
+pass and only calibrates. Then after each batch with pass rate PR = passed attempts / attempts:
 
     P = T_prev^(1 + μ·(TPR − PR)),   m = η·m + (1 − η)·(P − T_prev),   T = T_prev + m
 
@@ -31,7 +38,7 @@ import numpy as np
 
 from rl.grpo.config import DSOGConfig
 
-__all__ = ["DSOGConfig", "DSOGController", "AttemptLoop", "AttemptResult", "select_attempt"]
+__all__ = ["DSOGConfig", "DSOGController", "AttemptBatch", "AttemptLoop", "AttemptResult", "select_attempt"]
 
 _EPS_U = 1e-6
 
@@ -72,7 +79,8 @@ class AttemptLoop:
 
     ``offer`` returns None while another attempt should be drawn, else the :class:`AttemptResult`. The
     loop always ends by ``max_attempts`` offers; offering after it ended raises. ``threshold=None``
-    (uncalibrated or DSOG disabled) accepts the first attempt.
+    accepts the first attempt (the rollout never screens without a threshold: :class:`AttemptBatch` calibrates
+    one from its first round first).
     """
 
     def __init__(self, threshold: float | None, max_attempts: int) -> None:
@@ -95,9 +103,117 @@ class AttemptLoop:
         if ok:
             self.result = AttemptResult(len(self.scores) - 1, False, list(self.scores), list(self.passed))
         elif len(self.scores) >= self.max_attempts:
-            best = int(np.argmax(self.scores))  # first of ties
-            self.result = AttemptResult(best, True, list(self.scores), list(self.passed))
+            self.result = AttemptResult(self.best_index, True, list(self.scores), list(self.passed))
         return self.result
+
+    @property
+    def best_index(self) -> int | None:
+        """The best-screened attempt so far (the first of ties; what a forced keep keeps), None before any."""
+        return int(np.argmax(self.scores)) if self.scores else None
+
+    @property
+    def candidate(self) -> int | None:
+        """The attempt this loop keeps (ended) or would keep at the cap now (running): its state must be held."""
+        return self.result.kept_index if self.result is not None else self.best_index
+
+
+class AttemptBatch:
+    """The attempt loops of ``size`` samples drawn and screened together, round by round.
+
+    Round ``r`` draws attempt ``r`` of every sample in :attr:`pending` (in increasing sample order) as one batch; its
+    screen scores go to :meth:`offer` in that order. Each sample's decision is its own :class:`AttemptLoop`; samples
+    whose attempt passed, or that reached ``max_attempts`` (forced keep of the best-screened attempt), leave
+    :attr:`pending`, the rest are redrawn next round. :attr:`scores` / :attr:`passed` log every attempt
+    attempt-major (round by round, samples in order).
+
+    ``threshold=None`` with ``calibrate`` (a :class:`DSOGConfig`): the first round's scores set the threshold
+    (:meth:`DSOGController.initial_threshold`, recorded in :attr:`init_threshold`) and that round is judged against
+    it. ``threshold=None`` without ``calibrate`` lets every first attempt pass.
+    """
+
+    def __init__(self, size: int, threshold: float | None, max_attempts: int,
+                 calibrate: DSOGConfig | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"AttemptBatch: size must be >= 1, got {size}")
+        if max_attempts < 1:
+            raise ValueError(f"AttemptBatch: max_attempts must be >= 1, got {max_attempts}")
+        self.size = int(size)
+        self.max_attempts = int(max_attempts)
+        self.threshold = threshold
+        self.calibrate = calibrate
+        self.init_threshold: float | None = None
+        """The threshold this batch calibrated (only when it started without one and with ``calibrate``)."""
+        self.loops: list[AttemptLoop] | None = None
+        self.pending: list[int] = list(range(self.size))
+        """Samples to draw in the next round, in increasing order."""
+        self.members: list[list[int]] = []
+        """The samples drawn in each round so far, in batch-row order."""
+        self.scores: list[float] = []
+        self.passed: list[bool] = []
+
+    @property
+    def round(self) -> int:
+        """The next round's index = the attempt index its samples draw (their D7 attempt seed)."""
+        return len(self.members)
+
+    @property
+    def done(self) -> bool:
+        """True once every sample has a kept attempt."""
+        return not self.pending
+
+    def offer(self, scores: Any) -> list[int]:
+        """Record one round's screen scores (one per :attr:`pending` sample, in order); returns the samples that
+        ended this round."""
+        if self.done:
+            raise RuntimeError("AttemptBatch.offer: every sample already ended")
+        s = np.asarray(scores).reshape(-1)
+        if s.shape[0] != len(self.pending):
+            raise ValueError(f"AttemptBatch.offer: {s.shape[0]} scores for {len(self.pending)} pending samples")
+        if self.loops is None:
+            if self.threshold is None and self.calibrate is not None:
+                self.threshold = self.init_threshold = DSOGController.initial_threshold(scores, self.calibrate)
+            self.loops = [AttemptLoop(self.threshold, self.max_attempts) for _ in range(self.size)]
+        drawn, still, ended = list(self.pending), [], []
+        for row, i in enumerate(drawn):
+            loop = self.loops[i]
+            res = loop.offer(s[row])
+            self.scores.append(loop.scores[-1])
+            self.passed.append(loop.passed[-1])
+            (still if res is None else ended).append(i)
+        self.members.append(drawn)
+        self.pending = still
+        return ended
+
+    @property
+    def results(self) -> list[AttemptResult]:
+        """Every sample's :class:`AttemptResult`, in sample order (the batch must be done)."""
+        if not self.done or self.loops is None:
+            raise RuntimeError(f"AttemptBatch.results: {len(self.pending)} samples still pending")
+        return [loop.result for loop in self.loops]  # type: ignore[misc]
+
+    @property
+    def forced(self) -> int:
+        """Samples kept at the cap below the threshold (so far)."""
+        return sum(1 for loop in self.loops or [] if loop.result is not None and loop.result.forced)
+
+    def live_rounds(self) -> set[int]:
+        """Rounds holding an attempt that is kept, or would be kept at the cap: their paused states must be held,
+        every other round's may be dropped."""
+        return {loop.candidate for loop in self.loops or [] if loop.candidate is not None}
+
+    def resume_plan(self) -> list[tuple[int, list[tuple[int, int]]]]:
+        """The kept attempts grouped by the round that drew them: ``[(round, [(sample, row in that round), ...])]``.
+
+        Order (it fixes the resume batches' composition, so it is part of the bit-exact contract): passed attempts
+        by (round, sample), then forced keeps by sample; rounds in order of first appearance in that sequence."""
+        results = self.results
+        order = sorted((i for i, r in enumerate(results) if not r.forced), key=lambda i: (results[i].kept_index, i))
+        order += [i for i, r in enumerate(results) if r.forced]
+        plan: dict[int, list[tuple[int, int]]] = {}
+        for i in order:
+            r = results[i].kept_index
+            plan.setdefault(r, []).append((i, self.members[r].index(i)))
+        return list(plan.items())
 
 
 def select_attempt(scores: Iterable[float], threshold: float | None, max_attempts: int) -> AttemptResult:
