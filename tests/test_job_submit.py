@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,21 +27,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.operator_head import free_ports
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _processes_under(temp_dir: str) -> list[int]:
@@ -138,7 +128,7 @@ def test_readme_submit_lines_run_the_tiny_config(tmp_path, sample_root):
     lines = readme_cluster_lines()
     out = tmp_path / "runs"
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")   # short: Ray's socket paths must stay < 108 chars
-    gcs, dash, client, agent_http, agent_grpc, metrics, serve_http = _free_ports(7)
+    gcs, dash, client, agent_http, agent_grpc, metrics, serve_http = free_ports(7)
     env = dict(clean_env(), HOME=str(tmp_path / "home"))   # ~/.ray/auth_token is the test's own (README token line)
     (tmp_path / "home").mkdir()
     probe = subprocess.run(["bash", "-c", "command -v python || true"], env=env, capture_output=True, text=True)

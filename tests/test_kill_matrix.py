@@ -158,6 +158,23 @@ finally:
 """
 
 
+def _assert_like_reference(reference: dict, run_dir) -> None:
+    """A run folder written by another process holds each step once, the uninterrupted run's metrics and its final
+    weights."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    bad = [x for a, b in zip(reference["rows"], rows) for x in _same_metrics(a, b)]
+    assert not bad, bad
+    ref_final = next(Path(reference["run_dir"]).glob("final/*.safetensors"))
+    got, ref = load_file(str(run_dir / "final" / ref_final.name)), load_file(str(ref_final))
+    for name, value in ref.items():
+        assert (got[name] - value).abs().max().item() <= 1e-6, name
+
+
 def test_kill_matrix_driver(reference, ray_cluster, tmp_path, sample_root):
     """The driver SIGKILLed at each phase (one phase per step); each restart with --resume auto continues from the
     last checkpoint; the run ends with the uninterrupted run's metrics and weights, each step once on disk."""
@@ -175,17 +192,7 @@ def test_kill_matrix_driver(reference, ray_cluster, tmp_path, sample_root):
         outcomes.append((phase, step, proc.returncode))
         expected = 0 if phase is None else -signal.SIGKILL
         assert proc.returncode == expected, (phase, step, proc.stderr[-4000:])
-    run_dir = next(tmp_path.glob("*/metrics.jsonl")).parent
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(STEPS))
-    bad = [x for a, b in zip(reference["rows"], rows) for x in _same_metrics(a, b)]
-    assert not bad, bad
-    from safetensors.torch import load_file
-
-    ref_final = next(Path(reference["run_dir"]).glob("final/*.safetensors"))
-    got, ref = load_file(str(run_dir / "final" / ref_final.name)), load_file(str(ref_final))
-    for name, value in ref.items():
-        assert (got[name] - value).abs().max().item() <= 1e-6, name
+    _assert_like_reference(reference, next(tmp_path.glob("*/metrics.jsonl")).parent)
     print(f"\nKILL MATRIX driver: {outcomes} -> resumed each time")
 
 
@@ -328,14 +335,4 @@ def test_rays_memory_monitor_kills_during_a_run(reference, tmp_path, sample_root
     oom_lines = [ln for ln in log_text.splitlines() if "out_of_memory" in ln]
     assert oom_lines, log_text[-6000:]
     print("\nOOM log lines:\n" + "\n".join(ln[:400] for ln in oom_lines[:8]))
-    run_dir = next(tmp_path.glob("*/metrics.jsonl")).parent
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(STEPS))
-    bad = [x for a, b in zip(reference["rows"], rows) for x in _same_metrics(a, b)]
-    assert not bad, bad
-    from safetensors.torch import load_file
-
-    ref_final = next(Path(reference["run_dir"]).glob("final/*.safetensors"))
-    got, ref = load_file(str(run_dir / "final" / ref_final.name)), load_file(str(ref_final))
-    for name, value in ref.items():
-        assert (got[name] - value).abs().max().item() <= 1e-6, name
+    _assert_like_reference(reference, next(tmp_path.glob("*/metrics.jsonl")).parent)
