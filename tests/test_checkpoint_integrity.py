@@ -221,19 +221,20 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(finished_run, tm
         restore_run_state(CheckpointManager(out2 / finished_run.name).candidates(), TorchLearners())
 
 
-def test_launch_train_exits_2_with_one_line_before_ray_starts(finished_run, tmp_path, sample_root, capsys):
-    import sys
+def test_launch_train_exits_2_with_one_line_before_ray_starts(finished_run, tmp_path, sample_root, capsys,
+                                                              monkeypatch):
+    import launch.train as train
 
-    from launch.train import main
+    def no_ray(*_a, **_k):
+        raise AssertionError("Ray was started before the checkpoint was checked")
 
+    monkeypatch.setattr(train, "connect_ray", no_ray)   # the error must come before any cluster is joined or started
     out, newest = _copy(finished_run, tmp_path)
     manifest_deleted_and_weights_truncated(newest)
     args = ["--config", "tiny_cpu", f"data.root={sample_root}", f"run.output_root={out}", "--resume", str(newest)]
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
-    assert main(args) == 2
+    assert train.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: --resume") and MANIFEST_FILE in err
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
 
 
 def test_manifest_hashes_are_taken_as_files_are_written_and_match_the_bytes(tmp_path, monkeypatch):

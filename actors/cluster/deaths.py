@@ -90,10 +90,17 @@ def is_actor_death(exc: BaseException | None) -> bool:
     return classify(exc) is not None
 
 
+_EXIT_DETAIL = re.compile(r"Worker exit detail: (.*?)(?:\. |\.$|$)", re.M)
+
+
 def _first_line(text: str) -> str:
+    """One short sentence of Ray's error text: the worker's exit detail when Ray gives one, else its last line."""
+    m = _EXIT_DETAIL.search(text)
+    if m:
+        return m.group(1).strip()[:200]
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("class_name:", "actor_id:", "pid:", "namespace:", "name:"))]
-    return (useful[-1] if useful else "")[:200]
+    useful = [ln for ln in lines if not ln.startswith(("class_name:", "actor_id:", "pid:", "namespace:", "name:", "ip:"))]
+    return (useful[-1] if useful else "").split(". ")[0][:200]
 
 
 # -------------------------------------------------------------------------------------------------- the GCS's view

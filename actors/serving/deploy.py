@@ -96,8 +96,19 @@ def ensure_serve(cfg: ServeConfig) -> bool:
 
     if _get_global_client(raise_if_no_controller_running=False) is not None:
         return False
-    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port or _free_port(cfg.http_host)})
     return True
+
+
+def _free_port(host: str) -> int:
+    """A port the OS has free on ``host`` now (``serve.http_port: 0``): Serve is given a concrete port, so the routes'
+    URLs (:func:`http_url`, Serve's own config) name the port the proxy really listens on."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def deployed_apps(cfg) -> list[str]:
