@@ -104,13 +104,19 @@ def _first_line(text: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- the GCS's view
+def _actor_table(**query) -> dict:
+    """The GCS actor table (``ray._private.state.actors``): the one private call of this module (see its docstring:
+    no public API without the dashboard)."""
+    from ray._private.state import actors
+
+    return actors(**query)
+
+
 def actor_states(handles) -> list[str]:
     """The GCS's state of each actor: ALIVE, RESTARTING, DEAD, PENDING_CREATION, ... ('UNKNOWN' if not found or the
     query failed; a failed query is logged, never guessed)."""
     try:
-        from ray._private.state import actors  # see the module docstring: no public API without the dashboard
-
-        return [str(actors(actor_id=h._actor_id.hex()).get("State", "UNKNOWN")) for h in handles]
+        return [str(_actor_table(actor_id=h._actor_id.hex()).get("State", "UNKNOWN")) for h in handles]
     except Exception as exc:
         log.warning("could not read actor states from the GCS: %s", exc)
         return ["UNKNOWN"] * len(handles)
@@ -118,18 +124,14 @@ def actor_states(handles) -> list[str]:
 
 def dead_actor_table() -> dict[str, dict]:
     """Every DEAD actor the GCS knows: actor id → its table entry (``ActorClassName``, ``DeathCause``, ...)."""
-    from ray._private.state import actors  # see the module docstring: no public API without the dashboard
-
-    return actors(actor_state_name="DEAD")
+    return _actor_table(actor_state_name="DEAD")
 
 
 def gcs_death(handle) -> Death | None:
     """The death cause the GCS recorded for a DEAD actor (out of memory with the node's figures, a lost node, a
     crash), or None when it is not dead or the cause is unknown."""
     try:
-        from ray._private.state import actors
-
-        info = actors(actor_id=handle._actor_id.hex())
+        info = _actor_table(actor_id=handle._actor_id.hex())
     except Exception:
         return None
     if str(info.get("State")) != "DEAD":

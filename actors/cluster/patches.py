@@ -162,7 +162,7 @@ INTERNALS_USED: tuple[InternalUse, ...] = (
                 "which a private cluster does not run"),
     InternalUse("ray", "ray.serve.context:_get_global_client", "actors/serving/deploy.py",
                 "Serve details (replica ids and states), the HTTP config and the controller handle"),
-    InternalUse("ray", "ray._private.state:actors", "actors/cluster/deaths.py (actor_states)",
+    InternalUse("ray", "ray._private.state:actors", "actors/cluster/deaths.py (_actor_table)",
                 "the GCS actor table (death cause, restarts) without the dashboard that ray.util.state needs"),
 )
 """Private APIs read elsewhere (kept where they are used); each must still resolve."""

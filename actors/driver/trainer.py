@@ -24,7 +24,6 @@ from actors.driver.checkpoint import (
     RNG_FILE,
     CheckpointManager,
     config_changes,
-    read_checkpoint,
     resume_candidates,
     rng_state,
     set_rng_state,
@@ -185,7 +184,7 @@ class Trainer:
             restored = restore_run_state(self.resume_candidates, self.learners, explicit=self.resume_explicit,
                                          make_dsog=functools.partial(DSOGController, self.cfg.dsog))
             self.resume_from = path = restored.path
-            self._warn_changes(path)
+            self._warn_changes(restored)
             self.rewind(restored)
             log.info("resumed from %s at step %d (saved by revision %s)", path, self.start_step,
                      (path / "git_revision.txt").read_text().strip() if (path / "git_revision.txt").exists() else "?")
@@ -196,10 +195,11 @@ class Trainer:
                         self.ckpt.latest().name)
         self.metrics.start_at(self.start_step)
 
-    def _warn_changes(self, path: Path) -> None:
-        """Warn when the run resumes with another config or data order than the checkpoint was written with."""
-        state, saved_cfg = read_checkpoint(path)
-        changes = config_changes(saved_cfg, config_to_dict(self.cfg))
+    def _warn_changes(self, restored: RunState) -> None:
+        """Warn when the run resumes with another config or data order than the checkpoint was written with (read
+        from what the restore already verified and parsed)."""
+        state, path = restored.state or {}, restored.path
+        changes = config_changes(restored.config or {}, config_to_dict(self.cfg))
         if changes:
             log.warning("resuming from %s with a changed config (%d keys): %s", path, len(changes),
                         "; ".join(changes[:10]) + (" ..." if len(changes) > 10 else ""))
