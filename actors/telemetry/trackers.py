@@ -113,7 +113,10 @@ class WandbTracker(Tracker):
         self.run.log({key: self._wandb.Image(str(path), caption=Path(path).name)}, step=int(step))
 
     def close(self) -> None:
+        """Finish the run, then stop wandb's service process: ``finish`` alone can return before the service has
+        written the run's records to ``run-*.wandb``; the teardown waits for that flush."""
         self.run.finish()
+        self._wandb.teardown()
 
 
 MLFLOW_DB = "mlflow.db"
