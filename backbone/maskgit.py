@@ -294,6 +294,16 @@ class SamplerState:
                             logps=[lp[idx] for lp in self.logps])
 
 
+@dataclass
+class PackedBatch(T2IBatch):
+    """Several sampler states' rows in one CFG batch (:meth:`MaskGITSampler.step_many`)."""
+
+    prefix_kv: list[KV] | None = None
+    """Their text-prefix K/V, stacked like ``ids`` (None when prefix reuse is off)."""
+    block_mask: torch.Tensor | None = None
+    """Their image-block mask rows, stacked like ``ids``."""
+
+
 class MaskGITSampler:
     """Show-o's MaskGIT t2i sampler with CFG, trajectory recording and pause/resume."""
 
@@ -343,6 +353,70 @@ class MaskGITSampler:
             state.image_ids, state.tau = res.next_ids, res.tau
             state.step += 1
         return state
+
+    @torch.no_grad()
+    def step_many(self, states: list[SamplerState]) -> None:
+        """One MaskGIT step for each of ``states`` (independent runs, each at its own step, τ and generators) in a
+        single transformer forward: the continuous-batching engine's step (actors/rollout/continuous.py).
+
+        The states' rows are packed (cond rows of every state, then their uncond rows; prefix K/V and masks likewise)
+        and each state then takes :func:`maskgit_step` on its own slice of the logits with its own step and τ, so a
+        state advances exactly as :meth:`run` would advance it alone up to the forward's arithmetic. On CPU with one
+        torch thread the forward's rows do not depend on the other rows in the batch (tested bit for bit); on a GPU
+        a different batch shape may pick another GEMM kernel (bf16: logits agree to about 1e-2 relative, see
+        ``rollout.engine``). Mutates the states; every state must have steps left."""
+        if not states:
+            return
+        if any(s.done for s in states):
+            raise ValueError("step_many: a state has no steps left")
+        packed = self._pack(states)
+        logits = cfg_code_logits(self.model, self.tok, packed, torch.cat([s.image_ids for s in states]),
+                                 self.config.guidance_scale, prefix_kv=packed.prefix_kv,
+                                 block_mask=packed.block_mask)
+        lo = 0
+        for state in states:
+            b = state.batch_size
+            res = maskgit_step(logits[lo:lo + b], state.image_ids, state.step, state.timesteps, state.tau,
+                               state.generators, self.tok.mask_id, self.tok.image_offset, self.config.schedule)
+            lo += b
+            state.states.append(state.image_ids)
+            state.chosen.append(res.chosen)
+            state.logps.append(res.logps)
+            state.image_ids, state.tau = res.next_ids, res.tau
+            state.step += 1
+
+    def _pack(self, states: list[SamplerState]) -> "PackedBatch":
+        """The static tensors of ``states`` stacked in one CFG batch; cached while the same states run together (the
+        running batch only changes when a sample joins or leaves)."""
+        cached = getattr(self, "_packed", None)   # (the states themselves, so their ids cannot be reused meanwhile)
+        if cached is not None and len(cached[0]) == len(states) and all(a is b for a, b in zip(cached[0], states)):
+            return cached[1]
+        if len(states) == 1:
+            s = states[0]
+            packed = PackedBatch(ids=s.batch.ids, mask=s.batch.mask, prefix_len=s.batch.prefix_len,
+                                 num_image_tokens=s.batch.num_image_tokens, cfg=s.batch.cfg, prefix_kv=s.prefix_kv,
+                                 block_mask=s.block_mask)
+        else:
+            def rows(t: torch.Tensor, s: SamplerState, half: int) -> torch.Tensor:
+                b = s.batch_size
+                return t[half * b:(half + 1) * b]
+
+            halves = (0, 1) if states[0].batch.cfg else (0,)
+
+            def stack(get) -> torch.Tensor:
+                return torch.cat([rows(get(s), s, h) for h in halves for s in states])
+
+            first = states[0]
+            kv = None
+            if first.prefix_kv is not None:
+                kv = [(stack(lambda s, i=i: s.prefix_kv[i][0]), stack(lambda s, i=i: s.prefix_kv[i][1]))
+                      for i in range(len(first.prefix_kv))]
+            packed = PackedBatch(ids=stack(lambda s: s.batch.ids), mask=stack(lambda s: s.batch.mask),
+                                 prefix_len=first.batch.prefix_len, num_image_tokens=first.batch.num_image_tokens,
+                                 cfg=first.batch.cfg, prefix_kv=kv,
+                                 block_mask=None if first.block_mask is None else stack(lambda s: s.block_mask))
+        self._packed = (list(states), packed)
+        return packed
 
     def preview_ids(self, state: SamplerState) -> torch.Tensor:
         """long [B,N] code ids of the predicted full grid at the pause (the last step's chosen ids)."""

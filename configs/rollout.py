@@ -38,8 +38,41 @@ class RolloutConfig:
     shards do not depend on num_workers, so by D7 samples are bit-identical for any number of actors; larger
     shards batch more on a GPU, smaller ones balance better. 0 = the whole group in one request."""
 
+    engine: str = "continuous"
+    """How a rollout actor runs its shards (actors/rollout/continuous.py). ``continuous``: one running batch of up to
+    ``max_batch`` samples, each at its own MaskGIT step; a sample parks at the DSOG screen step while its preview is
+    scored in the background, a rejected attempt's redraw joins the batch at once, a kept one resumes in it, and
+    finished shards are rewarded in the background: the actor waits on the screen / reward servers only when it
+    has nothing to step. ``lockstep``: every shard alone, its attempts of one round as one batch, the actor blocking
+    on each screen and on the rewards (the engine before continuous batching). Both group previews, images and
+    calls per shard and round; on CPU (one torch thread) they give bit-identical samples and rewards (tested). On a
+    GPU the MaskGIT forward's batch shape may change the GEMM kernel, so continuous agrees with lockstep to bf16
+    rounding: ``lockstep`` is the deterministic mode for bit-exact comparisons across runs and actor counts."""
+    max_batch: int = 16
+    """``engine: continuous``: most samples stepping at once in an actor's running batch (2 CFG rows each; a shard's
+    round larger than this still runs whole, alone). The driver keeps ceil(max_batch / samples_per_request) + 1
+    shards in flight per actor so the batch stays full. 16: the measured knee of Show-o 1.3B's MaskGIT step on
+    one H100 is past batch 16 (a memory-bound shape below it, see the README's benchmarks)."""
+    max_inflight_calls: int = 4
+    """``engine: continuous``: most screen / reward calls an actor has running at once (more wait their turn in the
+    actor), each batching the samples that became ready at the same moment."""
+
+    def inflight_shards(self, group_size: int) -> int:
+        """Shards the driver keeps in flight per rollout actor: 1 in lock-step, else enough to fill the running
+        batch plus one queued (the next sample is ready the moment a row frees)."""
+        if self.engine == "lockstep":
+            return 1
+        shard = group_size if self.samples_per_request == 0 else min(self.samples_per_request, group_size)
+        return -(-self.max_batch // shard) + 1
+
     def validate(self) -> None:
         """Reject impossible values."""
+        if self.engine not in ("continuous", "lockstep"):
+            raise ValueError(f"rollout.engine must be 'continuous' or 'lockstep', got {self.engine!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"rollout.max_batch must be >= 1, got {self.max_batch}")
+        if self.max_inflight_calls < 1:
+            raise ValueError(f"rollout.max_inflight_calls must be >= 1, got {self.max_inflight_calls}")
         if self.group_size < 2:
             raise ValueError(f"rollout.group_size must be >= 2 (got {self.group_size}): GRPO advantages "
                              "compare samples within a group")

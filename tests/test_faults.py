@@ -1,4 +1,5 @@
-"""Faults on a real local Ray: a dead reward replica or rollout actor costs a retry, not the step; SIGTERM saves."""
+"""Faults on a real local Ray: a dead reward replica (also the screening one, hung with previews in flight) or rollout
+actor costs a retry, not the step; SIGTERM saves."""
 from __future__ import annotations
 
 import json
@@ -44,27 +45,45 @@ def _serve_replica(cfg, expert: str):
 
 
 def test_dead_reward_replica_and_dead_rollout_actor_cost_a_retry_not_the_step(ray_cluster, tmp_path, sample_root, make_trainer):
-    # DER requests wait up to 6 s in the replica for a batch to fill, so a kill lands while one is in flight; the
+    # DER requests wait up to 10 s in the replica for a batch to fill, so a kill lands while one is in flight; the
     # screen (BER) scores each request alone so DSOG decisions cannot depend on how requests were batched
     trainer = make_trainer(tmp_path, sample_root, ["rollout.num_workers=2", "run.prompts_per_step=2",
-                                                   "serve.ber.max_batch_size=1",
+                                                   "serve.ber.max_batch_size=1", "serve.ber.retries=8",
                                                    "serve.der.retries=8", "serve.retry_backoff_s=1.0",
-                                                   "serve.der.batch_wait_timeout_s=6.0", "serve.der.max_batch_size=64"])
+                                                   "serve.der.batch_wait_timeout_s=10.0", "serve.der.max_batch_size=64"])
     try:
         requests = trainer.plan(0)
         t0 = time.monotonic()
-        clean = trainer.dispatcher.run(requests)
+        arrivals = []
+        clean = trainer.dispatcher.run(requests, on_shard=lambda _: arrivals.append(time.monotonic() - t0))
         assert sum(sum(r.reward_failures.values()) for r in clean) == 0
-        # when the reward calls start: the group's answer + image + screen phases
-        before_rewards = max(r.timings["answer"] + r.timings["image"] + r.timings.get("screen", 0) for r in clean)
-        assert time.monotonic() - t0 > before_rewards + 4.0      # the DER batch wait holds requests in flight
+        # a shard's DER request waits 10 s in the replica before its result can arrive: 4 s into that wait (±4 s for
+        # a warmer or colder run), the first shard's DER request is in flight
+        in_der = min(arrivals) - 6.0
+        assert in_der > 0
 
         # a reward replica dies during the step: same rewards after the retry, the failure is counted
-        killer = _kill_later(before_rewards + 2.0, lambda: _serve_replica(trainer.cfg, "der"))
+        killer = _kill_later(in_der, lambda: _serve_replica(trainer.cfg, "der"))
         faulted = trainer.dispatcher.run(requests)
         killer.join()
         assert _signature(faulted) == _signature(clean)
         assert sum(r.reward_failures.get("der", 0) for r in faulted) >= 1
+
+        # the screening replica (BER) hangs while previews are in flight, then dies: with the continuous engine the
+        # parked samples wait on their screen calls, which are retried on the replacement replica; same samples
+        from tests.test_kill_matrix import actor_pid
+
+        ber_pid = actor_pid(_serve_replica(trainer.cfg, "ber"))
+        os.kill(ber_pid, signal.SIGSTOP)     # every screen call from now on is stuck in flight
+        killer = threading.Timer(min(arrivals) / 2, lambda: os.kill(ber_pid, signal.SIGKILL))
+        killer.start()
+        screened = trainer.dispatcher.run(requests)
+        killer.join()
+        assert _signature(screened) == _signature(clean)
+        # the screen calls were held at the stopped replica until it died and Serve re-routed them to its replacement
+        # (so the client may see no failure): they took seconds longer than in the clean run
+        assert sum(r.timings["screen"] for r in screened) > sum(r.timings["screen"] for r in clean) + 2.0
+        assert actor_pid(_serve_replica(trainer.cfg, "ber")) != ber_pid
 
         # a rollout actor dies during the step: its group is re-dispatched to a replacement; by D7 the samples are
         # the same, and every group comes back exactly once

@@ -1,15 +1,19 @@
-"""Sample-level dispatch on a real local Ray cluster: the same samples, rewards, DSOG bookkeeping and losses with 1,
-2 and 3 rollout actors, for one group and for several; a rollout actor killed in the middle of a sharded group."""
+"""Sample-level dispatch on a real local Ray cluster with the continuous engine: the same samples, rewards, DSOG
+bookkeeping and losses with 1, 2 and 3 rollout actors, for one group and for several, and as the lock-step engine;
+a rollout actor killed with a running batch of shards in the middle of a sharded group."""
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 
 import numpy as np
 import pytest
 import ray
 import torch
 
-from actors.driver.dispatch import GroupDispatcher
+from actors.driver.dispatch import GroupDispatcher, shard_group
+from actors.rollout.engine import assemble_group
 from actors.learner.step import make_showo_backend, run_units, schedule_units
 from rl.grpo.objective import group_advantages
 
@@ -55,9 +59,11 @@ def test_one_two_or_three_rollout_actors_give_the_same_samples_and_losses(ray_cl
         requests = trainer.plan(0)          # threshold None: the split groups run the calibration pass
         assert requests[0].threshold is None
         outcomes, fixed_requests = {}, None
-        for n in (1, 2, 3):
+        assert cfg.rollout.engine == "continuous"
+        for n in (1, 2, 3):   # each actor holds several shards in its running batch
             d = GroupDispatcher(trainer.workers[:n], timeout_s=600, group_size=cfg.rollout.group_size,
-                                samples_per_request=1, dsog=cfg.dsog)
+                                samples_per_request=1, dsog=cfg.dsog,
+                                per_actor=cfg.rollout.inflight_shards(cfg.rollout.group_size))
             one = d.run(requests[:1])
             several = d.run(requests)
             if fixed_requests is None:   # a calibrated threshold (redraws) and one nothing passes (forced keeps)
@@ -65,6 +71,15 @@ def test_one_two_or_three_rollout_actors_give_the_same_samples_and_losses(ray_cl
                                   dataclasses.replace(requests[1], threshold=1e9)]
             fixed = d.run(fixed_requests)
             outcomes[n] = (_signature(one), _signature(several), _signature(fixed), _step_loss(backend, several))
+        # the deterministic mode (rollout.engine: lockstep, each shard alone and blocking) on one actor: the same
+        # samples, bit for bit (CPU, one torch thread)
+        def _lockstep(worker, shard):   # runs inside the actor (a closure: pickled by value, not by module name)
+            return worker.engine.generate_samples(shard)
+
+        lockstep = [assemble_group(r, [ray.get(trainer.workers[0].__ray_call__.remote(_lockstep, sh))
+                                       for sh in shard_group(r, cfg.rollout.group_size, 1)])
+                    for r in fixed_requests]
+        assert _signature(lockstep) == outcomes[1][2]
         for n in (2, 3):
             assert outcomes[n][0] == outcomes[1][0], f"one group, {n} actors"
             assert outcomes[n][1] == outcomes[1][1], f"two groups, {n} actors"
@@ -93,20 +108,24 @@ def test_a_rollout_actor_killed_in_the_middle_of_a_sharded_group(ray_cluster, tm
     trainer = make_trainer(tmp_path, sample_root, ["rollout.num_workers=2", "rollout.samples_per_request=1",
                                                    "rollout.group_size=6", *ALONE])
     try:
-        requests = trainer.plan(0)
+        first = trainer.dispatcher.run(trainer.plan(0))   # warms up; calibrates the threshold the runs below use
+        requests = [dataclasses.replace(trainer.plan(0)[0], threshold=first[0].init_threshold)]
+        t0 = time.monotonic()
         clean = trainer.dispatcher.run(requests)
+        clean_s = time.monotonic() - t0
         before = trainer.dispatcher.redispatched
         victim = trainer.workers[0]
         arrived = []
-
-        def kill_after_first_shard(shard):   # the group is under way: 5 of its 6 shards are still to come
-            arrived.append(shard.request.samples)
-            if len(arrived) == 1:
-                ray.kill(victim, no_restart=True)
-
-        redone = trainer.dispatcher.run(requests, on_shard=kill_after_first_shard)
+        assert trainer.dispatcher.per_actor >= 3
+        # a third of the way into the step the victim holds its 3 shards (3 of the 6 in flight per actor), running
+        # together in its batch: all of them are re-dispatched and come back the same
+        timer = threading.Timer(clean_s / 3, lambda: ray.kill(victim, no_restart=True))
+        timer.start()
+        redone = trainer.dispatcher.run(requests, on_shard=arrived.append)
+        timer.join()
+        arrived = [sh.request.samples for sh in arrived]
         assert sorted(arrived) == [(i,) for i in range(6)], "every shard accepted exactly once"
-        assert trainer.dispatcher.redispatched >= before + 1
+        assert trainer.dispatcher.redispatched >= before + 2, "the victim's running batch was re-dispatched"
         assert trainer.workers[0] is not victim
         assert _signature(redone) == _signature(clean)
         assert [s.sample_index for s in redone[0].samples] == list(range(6))

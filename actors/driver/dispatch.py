@@ -57,67 +57,89 @@ def shard_group(req: GroupRequest, group_size: int, per_request: int, screen_onl
 class TaskPool:
     """Pull-based execution of independent tasks on a list of actors, with re-dispatch on actor death.
 
-    Each actor runs one task at a time; an idle actor takes the next queued task. A task whose actor failed
-    (:data:`actors.cluster.deaths.ACTOR_DEATH_ERRORS`: dead, OOM-killed, crashed, node lost or hung) goes back to
-    the front of the queue and its actor is replaced (``replace_actor(slot, error)``). ``actors`` is used as given
+    Each actor runs up to ``per_actor`` tasks at once (1 for the lock-step engine; the continuous engine batches
+    the shards it holds); an actor with room takes the next queued task. The tasks of an actor that failed
+    (:data:`actors.cluster.deaths.ACTOR_DEATH_ERRORS`: dead, OOM-killed, crashed, node lost or hung) go back to the
+    front of the queue and the actor is replaced (``replace_actor(slot, error)``) once. ``actors`` is used as given
     (not copied): a replacement made elsewhere in the same list is seen at once."""
 
     def __init__(self, actors: list, replace_actor: Callable[[int, BaseException], object] | None = None,
-                 max_redispatch: int = 3, timeout_s: float = 3600.0):
+                 max_redispatch: int = 3, timeout_s: float = 3600.0, per_actor: int = 1):
+        if per_actor < 1:
+            raise ValueError(f"TaskPool: per_actor must be >= 1, got {per_actor}")
         self.actors = actors
         self.replace_actor = replace_actor
         self.max_redispatch = max_redispatch
         self.timeout_s = timeout_s
+        self.per_actor = int(per_actor)
         self.redispatched = 0
         """Total tasks (shards) re-dispatched after an actor failure (a metric)."""
 
     def run_tasks(self, method: str, tasks: list, on_result: Callable[[int, object], None] | None = None) -> list:
         """Every task's result of ``actor.<method>(task)``, in task order; ``on_result(index, result)`` sees each
-        as it arrives. A dead or hung actor's task is re-dispatched; an exception raised inside the method (e.g.
+        as it arrives. A dead or hung actor's tasks are re-dispatched; an exception raised inside the method (e.g.
         a required reward expert that keeps failing) propagates with its cause."""
         queue = deque(enumerate(tasks))
         results: dict[int, object] = {}
         tries = {i: 0 for i in range(len(tasks))}
-        idle = deque(range(len(self.actors)))
+        load = [0] * len(self.actors)
+        generation = [0] * len(self.actors)   # bumped when a slot's actor is replaced: its old calls are void
         inflight: dict = {}
         started: dict = {}
         while queue or inflight:
-            while queue and idle:
+            while queue:   # one task at a time to the least-loaded actor: spread evenly, up to per_actor each
+                slot = min(range(len(self.actors)), key=lambda s: load[s])
+                if load[slot] >= self.per_actor:
+                    break
                 idx, task = queue.popleft()
-                slot = idle.popleft()
                 ref = getattr(self.actors[slot], method).remote(task)
-                inflight[ref] = (idx, slot)
+                inflight[ref] = (idx, slot, generation[slot])
                 started[ref] = time.monotonic()
+                load[slot] += 1
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
             now = time.monotonic()
             for ref in list(inflight):
                 if ref not in ready and now - started[ref] > self.timeout_s:
                     ready.append(ref)
             for ref in ready:
-                idx, slot = inflight.pop(ref)
+                if ref not in inflight:
+                    continue   # voided above: its actor was replaced
+                idx, slot, gen = inflight.pop(ref)
                 started.pop(ref, None)
+                load[slot] -= 1
                 try:
                     result = ray.get(ref, timeout=0)
                 except ACTOR_DEATH_ERRORS as exc:
-                    self._failed(idx, slot, exc, tries)
-                    queue.appendleft((idx, tasks[idx]))
-                    idle.append(slot)
+                    if gen == generation[slot]:   # first failure seen of this actor: re-queue all its calls
+                        lost = [(r, i) for r, (i, s, g) in inflight.items() if s == slot and g == gen]
+                        for r, _ in lost:
+                            inflight.pop(r)
+                            started.pop(r, None)
+                        load[slot] = 0
+                        for i in [idx] + [i for _, i in lost]:
+                            self._count_try(i, exc, tries)
+                        for i in sorted([idx] + [i for _, i in lost], reverse=True):
+                            queue.appendleft((i, tasks[i]))
+                        generation[slot] += 1
+                        self._replace(slot, idx, exc)
                     continue
                 if idx not in results:
                     results[idx] = result
                     if on_result is not None:
                         on_result(idx, result)
-                idle.append(slot)
         return [results[i] for i in range(len(tasks))]
 
-    def _failed(self, idx: int, slot: int, exc: Exception, tries: dict) -> None:
-        """Count the failure, stop a hung actor, replace it; raise RolloutLost past ``max_redispatch``."""
+    def _count_try(self, idx: int, exc: Exception, tries: dict) -> None:
+        """Count a failed try of task ``idx``; raise RolloutLost past ``max_redispatch``."""
         tries[idx] += 1
         if tries[idx] > self.max_redispatch:
             raise RolloutLost(f"rollout task {idx} failed {tries[idx]} times; last error: {exc}") from exc
-        log.warning("rollout actor %d failed on task %d (%s); re-dispatching", slot, idx,
-                    classify(exc) or type(exc).__name__)
         self.redispatched += 1
+
+    def _replace(self, slot: int, idx: int, exc: Exception) -> None:
+        """Stop a hung actor, replace it (its tasks are already re-queued)."""
+        log.warning("rollout actor %d failed on task %d (%s); re-dispatching its tasks", slot, idx,
+                    classify(exc) or type(exc).__name__)
         if isinstance(exc, GetTimeoutError):   # hung, not dead: stop it before replacing it
             ray.kill(self.actors[slot], no_restart=True)
         if self.replace_actor is not None:
@@ -133,8 +155,8 @@ class GroupDispatcher(TaskPool):
 
     def __init__(self, actors: list, replace_actor: Callable[[int, BaseException], object] | None = None,
                  max_redispatch: int = 3, timeout_s: float = 3600.0, *, group_size: int,
-                 samples_per_request: int = 1, dsog):
-        super().__init__(actors, replace_actor, max_redispatch, timeout_s)
+                 samples_per_request: int = 1, dsog, per_actor: int = 1):
+        super().__init__(actors, replace_actor, max_redispatch, timeout_s, per_actor)
         self.group_size = int(group_size)
         self.samples_per_request = int(samples_per_request)
         self.dsog = dsog

@@ -115,7 +115,7 @@ class Trainer:
         from actors.learner.group import LearnerGroup
         from actors.learner.step import concept_specs, make_showo_backend
         from actors.rollout.pool import RolloutPool
-        from actors.rollout.worker import RolloutWorker
+        from actors.rollout.worker import RolloutWorker, actor_options
         from actors.serving.deploy import app_name
         from actors.serving.metrics import ReplicaDeathWatch
         from actors.serving.pool import RewardPool
@@ -151,7 +151,8 @@ class Trainer:
         cfg_dict = config_to_dict(cfg)
 
         def make_worker(i: int):
-            return RolloutWorker.options(**self.placement.rollout_options(i)).remote(cfg_dict, i, dataset_ref)
+            return RolloutWorker.options(**self.placement.rollout_options(i), **actor_options(cfg)).remote(
+                cfg_dict, i, dataset_ref)
 
         t = time.perf_counter()
         self.rollouts = RolloutPool(make_worker, cfg.rollout.num_workers, cfg.rollout.max_restarts,
@@ -162,7 +163,8 @@ class Trainer:
         self.supervisor = Supervisor(cfg, self.rollouts, make_learners, self._restore_into)
         self.dispatcher = GroupDispatcher(self.workers, replace_actor=self._replace_worker,
                                           timeout_s=cfg.rollout.group_timeout_s, group_size=cfg.rollout.group_size,
-                                          samples_per_request=cfg.rollout.samples_per_request, dsog=cfg.dsog)
+                                          samples_per_request=cfg.rollout.samples_per_request, dsog=cfg.dsog,
+                                          per_actor=cfg.rollout.inflight_shards(cfg.rollout.group_size))
         self._restore()
         # only now (after _restore) do the rollout actors receive the learner's weights: restored ones on resume
         self.learners.connect_rollouts(self.workers)

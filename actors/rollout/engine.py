@@ -88,7 +88,9 @@ class RolloutBookkeeping:
     init_threshold: float | None = None
     """The threshold this shard / group initialised (only when the request carried None)."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Rollout-actor seconds per phase (summed over a group's shards): answer, image (MaskGIT), screen, reward."""
+    """Rollout-actor seconds per phase (summed over a group's shards): answer, image (MaskGIT), screen, reward; and
+    the actor's ``busy`` seconds (generating: answers, MaskGIT, decoding) out of its ``held`` seconds (holding work)
+    since its previous result, whose ratio over a step is ``rollout/busy_fraction``."""
     dropped: list[str] = field(default_factory=list)
     """Optional reward experts dropped (their weight renormalised away)."""
     reward_failures: dict[str, int] = field(default_factory=dict)
@@ -214,8 +216,40 @@ class RolloutEngine:
 
     def generate_samples(self, req: SampleRequest) -> SampleResult:
         """Produce the samples ``req.samples`` of one prompt's group (or, ``screen_only``, their first screen
-        scores). By D7 every sample is the same whichever shard or actor produces it, provided the shard's
-        composition is the same (batched float arithmetic may depend on the batch)."""
+        scores), lock-step: the shard's attempts of one round run as one batch, and the actor waits for each screen
+        and for the rewards. By D7 every sample is the same whichever shard or actor produces it, provided the
+        shard's composition is the same (batched float arithmetic may depend on the batch)."""
+        t0 = time.perf_counter()
+        job = self.prepare(req)
+        result = job.result
+        t1 = time.perf_counter()
+        finished, screen_scores, attempts = self._images_with_dsog(req, job.idx, job.prompts, job.screen_texts,
+                                                                   req.concept, result)
+        if req.screen_only:
+            result.timings.update(answer=t1 - t0,
+                                  image=time.perf_counter() - t1 - result.timings.get("screen", 0.0))
+            return result
+        t2 = time.perf_counter()
+        final_ids = torch.stack([state.trajectory.final_ids[k] for state, k in finished])
+        images = self.policy.vq.decode_uint8(final_ids)
+        t3 = time.perf_counter()
+        per_expert, total, dropped = self.scorer.score(*job.reward_args(images))
+        t4 = time.perf_counter()
+        self.finish(job, finished, screen_scores, attempts, images, per_expert, total, dropped)
+        result.reward_failures = self.failures_since(job.failures_before)
+        result.timings.update(answer=t1 - t0, image=t3 - t1 - result.timings.get("screen", 0.0), reward=t4 - t3,
+                              busy=t3 - t0 - result.timings.get("screen", 0.0), held=t4 - t0)
+        return result
+
+    def failures_since(self, before: dict[str, int]) -> dict[str, int]:
+        """Failed reward attempts per expert since the snapshot ``before`` (of :meth:`_failure_totals`)."""
+        after = self._failure_totals()
+        return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+
+    @torch.no_grad()
+    def prepare(self, req: SampleRequest) -> "PreparedShard":
+        """Everything of a shard before its images: the request checked, the task drawn, the answers generated, the
+        compound prompts and the screen / reward texts built (both engines start here)."""
         cfg, tok = self.cfg, self.policy.tok
         idx = [int(i) for i in req.samples]
         g = len(idx)
@@ -229,62 +263,79 @@ class RolloutEngine:
         tokens = ConceptPromptTokens.from_concept_tokens(
             self.policy.concepts[req.concept], num_understanding=mcfg.num_understanding_tokens,
             num_generation=mcfg.num_generation_tokens)
-        result = SampleResult(request=req, samples=[])
         failures_before = dict(self._failure_totals())
-        t0 = time.perf_counter()
         task = sample_task(self.dataset, req.concept, self._rng(req, "task"), text_ratio=cfg.data.text_task_ratio,
                            style=cfg.data.prompt_style)
         question = build_understanding_prompt(task, tokens)
         mmu, answers = self._answers(req, task, question, idx)
-        t1 = time.perf_counter()
         prompts, cuts = [], []
         for text in answers.texts:
             cp, cut = build_compound_prompt(task, text, tokens, tok, budget=text_budget(cfg.rollout.max_text_len))
             prompts.append(cp)
             cuts.append(cut)
         screen_texts = [reward_prompt(p, tokens, info.class_word, style=task.style) for p in prompts]
-        finished, screen_scores, attempts = self._images_with_dsog(req, idx, prompts, screen_texts, req.concept,
-                                                                   result)
-        if req.screen_only:
-            result.timings.update(answer=t1 - t0,
-                                  image=time.perf_counter() - t1 - result.timings.get("screen", 0.0))
-            return result
-        t2i = self._t2i(prompts)
-        t2 = time.perf_counter()
-        final_ids = torch.stack([state.trajectory.final_ids[k] for state, k in finished])
-        images = self.policy.vq.decode_uint8(final_ids)
-        if task.kind == "text":
-            candidates, target = task.candidates, task.target_index
-        else:   # visual-instruct: TIER compares with the reference answer (answer mode)
-            candidates, target = [task.reference], -1
-        per_expert, total, dropped = self.scorer.score(
-            images, screen_texts, [req.concept] * g, [info.category] * g,
-            list(answers.texts), [candidates] * g, [target] * g)
-        t3 = time.perf_counter()
+        return PreparedShard(req=req, idx=idx, info=info, task=task, mmu=mmu, answers=answers, prompts=prompts,
+                             cuts=cuts, screen_texts=screen_texts, result=SampleResult(request=req, samples=[]),
+                             failures_before=failures_before)
+
+    def finish(self, job: "PreparedShard", finished, screen_scores, attempts, images, per_expert, total,
+               dropped) -> SampleResult:
+        """The shard's :class:`RolloutSample` s from its finished sampler states ``finished[i] = (state, row)``, kept
+        screen scores, attempt counts, decoded images and rewards (both engines end here)."""
+        req, result, answers, mmu, task = job.req, job.result, job.answers, job.mmu, job.task
+        t2i = self._t2i(job.prompts)
         dsog_log = per_sample_attempts(result.attempt_scores, result.attempt_accepted, list(attempts))
         for i, (state, k) in enumerate(finished):
             traj = state.trajectory
             m = answers.mask[i]
             result.samples.append(RolloutSample(
-                step=req.step, prompt_index=req.prompt_index, sample_index=idx[i], concept=req.concept,
-                category=info.category, task_kind=task.kind,
+                step=req.step, prompt_index=req.prompt_index, sample_index=job.idx[i], concept=req.concept,
+                category=job.info.category, task_kind=task.kind,
                 mmu_input_ids=mmu.input_ids[i, mmu.input_ids.shape[1] - mmu.prompt_lens[i]:].cpu().numpy(),
                 answer_ids=answers.ids[i][m].cpu().numpy(),
                 answer_logps=answers.logps[i][m].float().cpu().numpy(), answer_text=answers.texts[i],
-                prompt_text=prompts[i], prompt_cut=cuts[i],
+                prompt_text=job.prompts[i], prompt_cut=job.cuts[i],
                 t2i_input_ids=t2i.input_ids[i].cpu().numpy(), uncond_input_ids=t2i.uncond_input_ids[i].cpu().numpy(),
                 states=traj.states[k].cpu().numpy(), chosen=traj.chosen[k].cpu().numpy(),
                 image_logps=traj.logps[k].float().cpu().numpy(), final_ids=traj.final_ids[k].cpu().numpy(),
                 image=images[i], screen_score=float(screen_scores[i]), attempts=int(attempts[i]),
                 rewards={name: float(v[i]) for name, v in per_expert.items()}, reward=float(total[i]),
                 advantage=0.0, question=task.question, reference=task.reference, input_image=task.image_name,
-                reward_text=screen_texts[i], attempt_scores=dsog_log[i][0], forced=dsog_log[i][1]))
+                reward_text=job.screen_texts[i], attempt_scores=dsog_log[i][0], forced=dsog_log[i][1]))
         result.dropped = list(dropped)
-        after = self._failure_totals()
-        result.reward_failures = {k: v - failures_before.get(k, 0) for k, v in after.items()
-                                  if v - failures_before.get(k, 0) > 0}
-        result.timings.update(answer=t1 - t0, image=t2 - t1 - result.timings.get("screen", 0.0), reward=t3 - t2)
         return result
+
+
+@dataclass
+class PreparedShard:
+    """A shard between :meth:`RolloutEngine.prepare` and :meth:`RolloutEngine.finish`: the answers and prompts of
+    its samples (lists in ``idx`` order) and the result being filled."""
+
+    req: SampleRequest
+    idx: list[int]
+    """The samples' indices in the group (their D7 seeds)."""
+    info: object
+    task: object
+    mmu: object
+    answers: object
+    prompts: list[str]
+    cuts: list[bool]
+    screen_texts: list[str]
+    """The screen and reward text of each sample (the generation prompt, D8)."""
+    result: SampleResult
+    failures_before: dict[str, int]
+    """The reward backend's failure totals when the shard started (lock-step accounting)."""
+
+    def reward_args(self, images: np.ndarray, rows: list[int] | None = None) -> tuple:
+        """The ``Scorer.score`` arguments for ``images`` of the samples ``rows`` (positions in ``idx``; all)."""
+        rows = list(range(len(self.idx))) if rows is None else rows
+        if self.task.kind == "text":
+            candidates, target = self.task.candidates, self.task.target_index
+        else:   # visual-instruct: TIER compares with the reference answer (answer mode)
+            candidates, target = [self.task.reference], -1
+        n = len(rows)
+        return (images, [self.screen_texts[i] for i in rows], [self.req.concept] * n, [self.info.category] * n,
+                [self.answers.texts[i] for i in rows], [candidates] * n, [target] * n)
 
 
 def assemble_group(req: GroupRequest, shards: list[SampleResult]) -> GroupResult:

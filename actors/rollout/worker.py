@@ -9,6 +9,14 @@ import ray
 log = logging.getLogger(__name__)
 
 
+def actor_options(cfg) -> dict:
+    """Options every rollout actor is created with besides its placement: the continuous engine serves several
+    shard calls at once (they share one running batch), plus room for control calls (ready, weights) beside them."""
+    if cfg.rollout.engine == "lockstep":
+        return {}
+    return {"max_concurrency": cfg.rollout.inflight_shards(cfg.rollout.group_size) + 4}
+
+
 def _device(num_gpus: float) -> str:
     import torch
 
@@ -42,6 +50,12 @@ class RolloutWorker:
         self.engine = RolloutEngine(self.cfg, self.policy, self.dataset, serve_scorer(self.cfg),
                                     device=self.device)
         self.receiver = WeightReceiver(self.cfg.sync)
+        self.continuous = None
+        if self.cfg.rollout.engine == "continuous":
+            from actors.rollout.continuous import ContinuousEngine
+
+            self.continuous = ContinuousEngine(self.engine, self.cfg.rollout.max_batch,
+                                               self.cfg.rollout.max_inflight_calls)
 
     def ready(self) -> int:
         """Returns the worker index once the policy is built."""
@@ -52,7 +66,10 @@ class RolloutWorker:
         return self.engine.generate_group(request)
 
     def generate_samples(self, request):
-        """Produce one shard of a group (see :meth:`RolloutEngine.generate_samples`)."""
+        """Produce one shard of a group: through the running batch (``rollout.engine: continuous``, several calls at
+        once) or alone, lock-step (:meth:`RolloutEngine.generate_samples`)."""
+        if self.continuous is not None:
+            return self.continuous.generate_samples(request)
         return self.engine.generate_samples(request)
 
     def evaluate(self, step: int) -> dict:

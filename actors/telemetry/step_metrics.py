@@ -40,8 +40,14 @@ METRIC_DOCS: dict[str, str] = {
                     "run.overlap: one_step, of the rollouts run in this step (the next step's, beside the update).",
     "time/answer": "Actor-seconds generating answers, summed over groups.",
     "time/image": "Actor-seconds of MaskGIT generation (screen excluded), summed over groups.",
-    "time/screen": "Actor-seconds of DSOG screening calls, summed over groups.",
-    "time/reward": "Actor-seconds of reward scoring calls, summed over groups.",
+    "time/screen": "Seconds of DSOG screening calls, summed over groups (waited for in lock-step, in the background "
+                   "with rollout.engine: continuous).",
+    "time/reward": "Seconds of reward scoring calls, summed over groups (waited for in lock-step, in the background "
+                   "with rollout.engine: continuous).",
+    "rollout/busy_fraction": "Rollout actors' generating seconds (answers, MaskGIT, decoding) over the seconds they "
+                             "held work, summed over actors: below 1 by the time they waited on screen / reward "
+                             "calls (rollout.engine: lockstep waits on every call; continuous only when nothing is "
+                             "left to step).",
     "time/learn": "Wall seconds of the learner update (with run.overlap: one_step, from its start to its end, the "
                   "overlapped rollout included).",
     "time/sync": "Wall seconds of the learner -> rollout weight sync.",
@@ -109,6 +115,9 @@ def step_metrics(step: int, results: list, samples: list, learn: dict, dsog, tim
         m[f"time/{phase}"] = float(sum(r.timings.get(phase, 0.0) for r in results))
     for key, value in times.items():
         m[f"time/{key}"] = float(value)
+    held = sum(r.timings.get("held", 0.0) for r in results)
+    m["rollout/busy_fraction"] = (sum(r.timings.get("busy", 0.0) for r in results) / held if held > 0
+                                  else float("nan"))
     m["throughput/images"] = float(len(samples))
     m["throughput/images_per_s"] = len(samples) / max(times.get("step", 0.0), 1e-9)
     m["faults/redispatched_groups"] = float(getattr(dispatcher, "redispatched", 0))

@@ -5,9 +5,10 @@ expert. It continues only if ``score > threshold``; otherwise it is discarded an
 IR and prompt). At ``max_attempts`` the best-screened attempt is kept and counted as *forced*.
 
 The attempt rule lives here once: :class:`AttemptLoop` decides for one sample, :class:`AttemptBatch` runs the loops
-of a shard's samples round by round (the rollout engine draws all pending samples to the screen step together,
+of a shard's samples round by round (the lock-step engine draws all pending samples to the screen step together,
 scores their previews in one call, redraws the rejected ones as a smaller batch and resumes the kept ones
-together). Ties at the cap keep the first best-screened attempt.
+together); the continuous engine (actors/rollout/continuous.py) offers each sample's attempts to its own loop as
+their screens come back, and logs them with :func:`attempt_major`. Ties at the cap keep the first best-screened attempt.
 
 Threshold (paper Eq. 9 as fixed by D6). T₀ = the (1 − TPR) quantile of the first batch's screen scores, or
 ``initial_threshold``. In the rollout (:class:`AttemptBatch` with ``calibrate``) an uncalibrated shard computes T₀
@@ -38,7 +39,8 @@ import numpy as np
 
 from rl.grpo.config import DSOGConfig
 
-__all__ = ["DSOGConfig", "DSOGController", "AttemptBatch", "AttemptLoop", "AttemptResult", "select_attempt"]
+__all__ = ["DSOGConfig", "DSOGController", "AttemptBatch", "AttemptLoop", "AttemptResult", "attempt_major",
+           "select_attempt"]
 
 _EPS_U = 1e-6
 
@@ -214,6 +216,19 @@ class AttemptBatch:
             r = results[i].kept_index
             plan.setdefault(r, []).append((i, self.members[r].index(i)))
         return list(plan.items())
+
+
+def attempt_major(loops: list[AttemptLoop]) -> tuple[list[float], list[bool]]:
+    """Every attempt's screen score and pass flag, attempt-major: attempt 0 of each sample in sample order, then
+    attempt 1 of those that drew one, ... (the order :class:`AttemptBatch` logs its rounds in, whatever order the
+    attempts were actually screened in)."""
+    scores, passed = [], []
+    for r in range(max((len(loop.scores) for loop in loops), default=0)):
+        for loop in loops:
+            if len(loop.scores) > r:
+                scores.append(loop.scores[r])
+                passed.append(loop.passed[r])
+    return scores, passed
 
 
 def select_attempt(scores: Iterable[float], threshold: float | None, max_attempts: int) -> AttemptResult:
