@@ -126,12 +126,18 @@ def test_scaling_tables_end_with_the_figures():
     from launch.bench.scaling import BEFORE, render
 
     cfg = SimpleNamespace(sampler=SimpleNamespace(timesteps=12), dsog=SimpleNamespace(screen_step=4, max_attempts=2),
-                          rollout=SimpleNamespace(group_size=8, num_workers=1), learner=SimpleNamespace(num_ranks=2))
+                          rollout=SimpleNamespace(group_size=8, num_workers=1, engine="continuous", max_batch=16,
+                                                  max_inflight_calls=4), learner=SimpleNamespace(num_ranks=2))
     shard = {BEFORE: 1.0, "1 actor, shards of 1": 1.5, "2 actors, shards of 1": 0.8, "1 actor, shards of 4": 1.1,
              "2 actors, shards of 4": 0.625}
+    cont = {"lockstep": {"seconds": 3.0, "busy_fraction": 0.5}, "continuous": {"seconds": 1.5, "busy_fraction": 0.9},
+            "lockstep, 0.25 s per call": {"seconds": 8.0, "busy_fraction": 0.2},
+            "continuous, 0.25 s per call": {"seconds": 2.0, "busy_fraction": 0.7}}
     tables, figures = render(shard, {1: 1000.0, 2: 1500.0, 4: 1800.0, 8: 1700.0}, {"none": 3.0, "one_step": 2.0},
-                             cfg)
-    assert figures == ["group-sharding speed-up: 1.60×", "overlap speed-up: 1.50×", "units-per-forward speed-up: 1.80×"]
+                             cfg, cont, 0.25)
+    assert figures == ["continuous-batching speed-up: 2.00×", "reward-latency hiding: 4.00×",
+                       "group-sharding speed-up: 1.60×", "overlap speed-up: 1.50×", "units-per-forward speed-up: 1.80×"]
+    assert "| continuous, 0.25 s per call | 2.00 | 0.70 | 4.00× |" in tables
     assert "| 2 actors, shards of 4 | 0.62 | 1.60× |" in tables and "| 4 | 1800 | 1.80× |" in tables
     assert "| one_step | 2.00 | 0.500 | 1.50× |" in tables
     assert bs.parse_args(["--scaling"]).scaling

@@ -4,7 +4,6 @@ shards in it; screening and rewards in the background; a failing reward call fai
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 
 import numpy as np
@@ -18,6 +17,7 @@ from actors.rollout.engine import GroupRequest, RolloutEngine
 from actors.rollout.scoring import local_scorer
 from backbone.build import build_policy
 from configs.schema import load_config
+from launch.bench.continuous import DelayedScorer
 from rl.data.reader import load_concept_dataset
 from rl.data.sample import write_sample_dataset
 
@@ -102,35 +102,10 @@ def test_screen_only_shards(engine):
         assert a.first_scores == b.first_scores and not a.samples
 
 
-class _SlowScorer:
-    """The local scorer behind an injected service time per call (a remote GPU expert); counts concurrent calls."""
-
-    def __init__(self, base, delay_s: float):
-        self.base, self.delay_s = base, delay_s
-        self.running = self.peak = 0
-        self.lock = threading.Lock()
-
-    def _wait(self):
-        with self.lock:
-            self.running += 1
-            self.peak = max(self.peak, self.running)
-        time.sleep(self.delay_s)
-        with self.lock:
-            self.running -= 1
-
-    def screen(self, *args):
-        self._wait()
-        return self.base.screen(*args)
-
-    def score(self, *args):
-        self._wait()
-        return self.base.score(*args)
-
-
 def test_generation_goes_on_while_calls_are_in_flight(engine, mid):
     """With every screen and reward call taking 0.3 s, the loop keeps stepping other samples meanwhile: the shards
     finish much sooner than the lock-step engine, which waits on each call, and with identical samples."""
-    slow = _SlowScorer(engine.scorer, 0.3)
+    slow = DelayedScorer(engine.scorer, 0.3)
     blocking = RolloutEngine(engine.cfg, engine.policy, engine.dataset, slow)
     shards = _shards(engine, 1, [mid, mid, mid])
     t0 = time.perf_counter()

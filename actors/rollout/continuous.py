@@ -197,18 +197,30 @@ class ContinuousEngine:
         return len(self._running) + sum(len(c) for c in self._ready)
 
     def _admit(self) -> None:
-        """Admit queued shards while the running batch has room for their first attempts."""
-        while self._rows_held() < self.max_batch:
+        """Admit queued shards while the running batch has room for their first attempts (a bad request fails its
+        own caller only)."""
+        taken, rows = [], self._rows_held()
+        while rows < self.max_batch:
             with self._cond:
                 if not self._incoming:
-                    return
+                    break
                 req, fut = self._incoming.popleft()
             if not fut.set_running_or_notify_cancel():
                 continue
+            try:
+                self.engine._check(req)
+            except Exception as exc:   # a bad request fails its own caller only
+                fut.set_exception(exc)
+                continue
+            taken.append((req, fut))
+            rows += len(req.samples)
+        if not taken:
+            return
+        for req, fut in taken:
             t0 = time.perf_counter()
             try:
                 prep = self.engine.prepare(req)
-            except Exception as exc:   # a bad request fails its own caller only
+            except Exception as exc:
                 fut.set_exception(exc)
                 continue
             job = _Job(prep=prep, future=fut)

@@ -249,15 +249,21 @@ class RolloutEngine:
     @torch.no_grad()
     def prepare(self, req: SampleRequest) -> "PreparedShard":
         """Everything of a shard before its images: the request checked, the task drawn, the answers generated, the
-        compound prompts and the screen / reward texts built (both engines start here)."""
-        cfg, tok = self.cfg, self.policy.tok
+        compound prompts and the screen / reward texts built (both engines start here). Shards are never batched
+        together here: the answer log-probs would then depend on the batch's composition in their last bits."""
+        self._check(req)
+        return self._prepare_checked(req)
+
+    def _check(self, req: SampleRequest) -> None:
         idx = [int(i) for i in req.samples]
-        g = len(idx)
-        if g < 1 or len(set(idx)) != g or min(idx) < 0 or max(idx) >= cfg.rollout.group_size:
-            raise ValueError(f"SampleRequest.samples must be distinct indices in 0..{cfg.rollout.group_size - 1}, "
-                             f"got {req.samples}")
-        if req.screen_only and not cfg.dsog.enabled:
+        g = self.cfg.rollout.group_size
+        if not idx or len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= g:
+            raise ValueError(f"SampleRequest.samples must be distinct indices in 0..{g - 1}, got {req.samples}")
+        if req.screen_only and not self.cfg.dsog.enabled:
             raise ValueError("SampleRequest.screen_only needs dsog.enabled")
+
+    def _prepare_checked(self, req: SampleRequest) -> "PreparedShard":
+        cfg, tok = self.cfg, self.policy.tok
         info = self.dataset.concept(req.concept).info
         mcfg = cfg.model
         tokens = ConceptPromptTokens.from_concept_tokens(
@@ -267,6 +273,7 @@ class RolloutEngine:
         task = sample_task(self.dataset, req.concept, self._rng(req, "task"), text_ratio=cfg.data.text_task_ratio,
                            style=cfg.data.prompt_style)
         question = build_understanding_prompt(task, tokens)
+        idx = [int(i) for i in req.samples]
         mmu, answers = self._answers(req, task, question, idx)
         prompts, cuts = [], []
         for text in answers.texts:

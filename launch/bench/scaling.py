@@ -1,5 +1,7 @@
 """Benchmark: does the service use the hardware it is given? (``python -m launch.bench.step --scaling``)
 
+- **continuous batching** (launch/bench/continuous.py): one actor's rollout phase with the continuous engine
+  against the lock-step one, without and with an injected service time per screen / reward call.
 - **group sharding**: the rollout phase of one group of G = 8 (tiny config, CPU, each rollout actor one torch
   thread, the reward experts on Ray Serve) on 1 and on 2 rollout actors, through ``actors.driver.dispatch.GroupDispatcher``
   with shards of 1 and of 4 samples, and the pre-sharding baseline (the whole group in one request on one actor).
@@ -32,10 +34,11 @@ def _rollout_workers(cfg, n: int) -> list:
     """``n`` rollout actors, one CPU and one torch thread each, with the config's (seeded, identical) weights."""
     import ray
 
-    from actors.rollout.worker import RolloutWorker
+    from actors.rollout.worker import RolloutWorker, actor_options
     from configs.schema import config_to_dict
 
-    opts = dict(num_cpus=1, num_gpus=0, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    opts = dict(num_cpus=1, num_gpus=0, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
+                **actor_options(cfg))
     workers = [RolloutWorker.options(**opts).remote(config_to_dict(cfg), i) for i in range(n)]
     ray.get([w.ready.remote() for w in workers])
     return workers
@@ -65,7 +68,9 @@ def bench_group_sharding(cfg, repeats: int, log=print) -> dict:
         times: dict[str, list[float]] = {k: [] for k in settings}
         for r in range(repeats + 1):   # round 0 warms every actor and the Serve handles up
             for name, (n, shard) in settings.items():
-                d = GroupDispatcher(workers[:n], group_size=GROUP_SIZE, samples_per_request=shard, dsog=cfg.dsog)
+                per_actor = dataclasses.replace(cfg.rollout, samples_per_request=shard).inflight_shards(GROUP_SIZE)
+                d = GroupDispatcher(workers[:n], group_size=GROUP_SIZE, samples_per_request=shard, dsog=cfg.dsog,
+                                    per_actor=per_actor)
                 t0 = time.perf_counter()
                 d.run([dataclasses.replace(req, step=r)])
                 if r:
@@ -158,15 +163,20 @@ def bench_units_per_forward(cfg, repeats: int, log=print) -> dict:
     return {k: tokens / statistics.median(v) for k, v in times.items()}
 
 
-def render(shard: dict, upf: dict, overlap: dict, cfg) -> tuple[str, list[str]]:
+def render(shard: dict, upf: dict, overlap: dict, cfg, cont: dict, service_s: float) -> tuple[str, list[str]]:
     """(Markdown tables, ``NAME: VALUE`` lines). The sharding figure: the best 2-actor setting against the best
     1-actor setting (whole group or shards)."""
     one = min(v for k, v in shard.items() if k.startswith("1 actor"))
     two_name = min((k for k in shard if k.startswith("2 actors")), key=shard.get)
     d = cfg.dsog
-    lines = [f"Group sharding: rollout phase of one group, G = {GROUP_SIZE}, T = {cfg.sampler.timesteps}, DSOG at "
+    from launch.bench import continuous
+
+    cont_table, cont_figures = continuous.render(cont, cfg, service_s)
+    lines = [cont_table, "",
+             f"Group sharding: rollout phase of one group, G = {GROUP_SIZE}, T = {cfg.sampler.timesteps}, DSOG at "
              f"step {d.screen_step} (≤ {d.max_attempts} attempts, calibrated threshold), tiny config on CPU, each "
-             "rollout actor 1 torch thread, reward experts on Ray Serve; medians of interleaved runs.", "",
+             f"rollout actor 1 torch thread (rollout.engine {cfg.rollout.engine}), reward experts on Ray Serve; "
+             "medians of interleaved runs.", "",
              "| setting | seconds | speed-up vs the whole group on 1 actor |", "|---|---|---|"]
     for name, sec in shard.items():
         lines.append(f"| {name} | {sec:.2f} | {shard[BEFORE] / sec:.2f}× |")
@@ -190,18 +200,21 @@ def render(shard: dict, upf: dict, overlap: dict, cfg) -> tuple[str, list[str]]:
     best = max(upf, key=upf.get)
     lines += ["", f"Figures: group sharding = {two_name} against the best 1-actor setting; units per forward = "
               f"{best} against 1."]
-    figures = [f"group-sharding speed-up: {one / shard[two_name]:.2f}×",
+    figures = cont_figures + [f"group-sharding speed-up: {one / shard[two_name]:.2f}×",
                f"overlap speed-up: {overlap['none'] / overlap['one_step']:.2f}×",
                f"units-per-forward speed-up: {upf[best] / upf[1]:.2f}×"]
     return "\n".join(lines), figures
 
 
-def run_scaling(cfg, repeats: int, threads: int, log=print) -> str:
-    """The three benchmarks (Ray started here unless one is running); returns the Markdown + figure lines."""
+def run_scaling(cfg, repeats: int, threads: int, log=print, service_s: float = 0.25) -> str:
+    """The four benchmarks (Ray started here unless one is running); returns the Markdown + figure lines."""
     import ray
     import torch
 
     from actors.cluster.ray_env import start_local_ray
+    from launch.bench.continuous import bench_continuous
+
+    cont = bench_continuous(cfg, repeats, service_s, log)
 
     started = not ray.is_initialized()
     if started:
@@ -218,5 +231,5 @@ def run_scaling(cfg, repeats: int, threads: int, log=print) -> str:
             ray.shutdown()
     torch.set_num_threads(threads)
     upf = bench_units_per_forward(cfg, repeats, log)
-    tables, figures = render(shard, upf, overlap, cfg)
+    tables, figures = render(shard, upf, overlap, cfg, cont, service_s)
     return tables + "\n\n" + "\n".join(figures)

@@ -439,6 +439,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-step", action="store_true", help="only the in-process baselines (no Ray)")
     p.add_argument("--scaling", action="store_true", help="only launch/bench/scaling: group sharding over rollout "
                    "actors and learner units per forward (figures as NAME: VALUE lines)")
+    p.add_argument("--service-time", type=float, default=0.25, help="--scaling: seconds injected into every screen "
+                   "and reward call for the reward-latency-hiding figure (a remote GPU expert's round trip)")
     p.add_argument("--serve", action="store_true", help="also run launch/bench/serve (~40 s more)")
     p.add_argument("--address", default=None, help="join this Ray cluster (no memory per role then)")
     p.add_argument("--out", default=None, help="also write the Markdown to this file")
@@ -473,7 +475,7 @@ def main(argv=None) -> str:
 
         try:
             cfg = bench_config(False, [f"rollout.group_size={GROUP_SIZE}", *args.overrides], tmp)
-            parts.append(run_scaling(cfg, args.repeats or 3, args.threads, log))
+            parts.append(run_scaling(cfg, args.repeats or 3, args.threads, log, service_s=args.service_time))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return _emit(parts, args.out)
