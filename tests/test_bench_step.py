@@ -138,7 +138,7 @@ def test_scaling_tables_end_with_the_figures():
     assert figures == ["continuous-batching speed-up: 2.00×", "reward-latency hiding: 4.00×",
                        "group-sharding speed-up: 1.60×", "overlap speed-up: 1.50×", "units-per-forward speed-up: 1.80×"]
     assert "| continuous, 0.25 s per call | 2.00 | 0.70 | 4.00× |" in tables
-    assert "| 2 actors, shards of 4 | 0.62 | 1.60× |" in tables and "| 4 | 1800 | 1.80× |" in tables
+    assert "| 2 actors, shards of 4 | 0.62 | n/a | 1.60× |" in tables and "| 4 | 1800 | 1.80× |" in tables
     assert "| one_step | 2.00 | 0.500 | 1.50× |" in tables
     assert bs.parse_args(["--scaling"]).scaling
 
@@ -150,11 +150,13 @@ def test_the_prepared_gpu_check_runs_its_code_on_cpu(monkeypatch, capsys):
     from launch.bench import gpu as bench_gpu
 
     text = bench_gpu.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--timesteps", "3", "--repeats", "1",
-                           "--group", "3"])
-    assert "| learner replay, units_per_forward 4 |" in text and text.splitlines()[-1].startswith("learner rank GiB:")
+                           "--group", "3", "--batches", "1,4"])
+    assert "| learner replay, units_per_forward 4 |" in text and "| running batch 4 (one step) |" in text
+    assert [ln.split(":")[0] for ln in text.splitlines()[-3:]] == [
+        "learner rank GiB", "running batch 1 images/s", "running batch 4 images/s"]
     monkeypatch.setattr(ShowoPhiConfig, "real", classmethod(lambda cls, vocab_size=58498: cls.tiny(vocab_size)))
     text = bench_gpu.main(["--device", "cpu", "--dtype", "float32", "--timesteps", "2", "--repeats", "1",
-                           "--group", "2"])
+                           "--group", "2", "--batches", ""])
     assert "Show-o 512 shapes" in text and "| sampler, one group |" in text
     assert [ln.split(":")[0] for ln in text.splitlines()[-5:]] == [
         "sampler images/s", "sampler MFU", "replay MFU", "replay peak GiB", "learner rank GiB"]

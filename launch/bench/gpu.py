@@ -9,7 +9,11 @@
    rank's code): the group's G × T image units, recorded by the sampler above, replayed with the Dr.GRPO loss, the
    frozen reference's forward and one backward per pack, for ``learner.units_per_forward`` = 1, 2, 4: units/s,
    MFU (policy forward + backward = 3 forwards, reference 1) and peak GPU memory of the replay.
-3. **Per-rank memory** of a learner rank under DeepSpeed ZeRO-2 at ``--ranks`` ranks, an upper bound: policy and
+3. **Running batch** (``--batches 1,4,9,16``; :meth:`backbone.maskgit.MaskGITSampler.step_many`, the continuous
+   engine's step): b samples each at its own MaskGIT step (staggered, as in a full running batch), one forward per
+   step for all of them: images/s (b / (T × seconds per step)), MFU and peak memory per b: what
+   ``rollout.max_batch`` is chosen from.
+4. **Per-rank memory** of a learner rank under DeepSpeed ZeRO-2 at ``--ranks`` ranks, an upper bound: policy and
    reference weights, plus the measured peak of the replay above them (activations and the whole bf16 gradient, of
    which ZeRO-2 keeps only the rank's partition), plus the fp32 master weights and Adam moments of the rank's shard
    (12 bytes per parameter / ranks; computed, no optimizer is built).
@@ -61,6 +65,41 @@ def bench_sampler(model, tok, t2i, group: int, timesteps: int, repeats: int, dev
         if r:
             times.append(time.perf_counter() - t0)
     return statistics.median(times), state
+
+
+def bench_running_batch(model, tok, t2i, batch: int, timesteps: int, repeats: int, device: str):
+    """(seconds per running-batch step, peak bytes) for ``batch`` samples at staggered MaskGIT steps."""
+    from backbone.config import SamplerConfig
+    from backbone.maskgit import MaskGITSampler
+    from launch.bench.memory import peak_memory
+
+    sampler = MaskGITSampler(model, tok, SamplerConfig(timesteps=timesteps, guidance_scale=5.0))
+    rows = t2i.input_ids.shape[0]
+    times, peak = [], 0
+    with torch.no_grad():
+        states = []
+        for i in range(batch):   # sample i starts i steps behind sample 0 (modulo T): every step is represented
+            one = type(t2i)(**{k: (v[i % rows:i % rows + 1] if torch.is_tensor(v) else v)
+                               for k, v in vars(t2i).items()})
+            state = sampler.start(one, [torch.Generator(device=device).manual_seed(i)])
+            sampler.run(state, stop_after_step=(batch - i) % timesteps)
+            states.append(state)
+        for r in range(repeats + 1):
+            live = [s for s in states if not s.done]
+            if len(live) < batch:   # keep the batch full: finished samples start over
+                states = [s if not s.done else sampler.start(
+                    type(t2i)(**{k: (v[:1] if torch.is_tensor(v) else v) for k, v in vars(t2i).items()}),
+                    [torch.Generator(device=device).manual_seed(r)]) for s in states]
+            with peak_memory(device) as mem:
+                _sync(device)
+                t0 = time.perf_counter()
+                sampler.step_many(states)
+                _sync(device)
+                elapsed = time.perf_counter() - t0
+            if r:
+                times.append(elapsed)
+                peak = max(peak, mem["bytes"])
+    return statistics.median(times), peak
 
 
 def group_samples(t2i, state) -> list:
@@ -129,6 +168,8 @@ def main(argv=None) -> str:
     p.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (median)")
     p.add_argument("--ranks", type=int, default=4, help="learner ranks for the ZeRO-2 per-rank estimate")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: by name)")
+    p.add_argument("--batches", default="1,4,9,16", help="running-batch sizes to measure (comma-separated; empty: "
+                   "skip)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("launch.bench.gpu: no CUDA device (use --tiny --device cpu to run the code on CPU)")
@@ -158,6 +199,14 @@ def main(argv=None) -> str:
         flops = unit_flops * units
         lines.append(f"| learner replay, units_per_forward {k} | {rsec:.2f} | {units / rsec:.2f} units/s | "
                      f"{flops / rsec / 1e12:.1f} | {mfu(flops, rsec)} | {rpeak / 2**30:.2f} GiB |")
+    running = {}
+    for b in [int(x) for x in args.batches.split(",") if x.strip()]:
+        step_s, step_peak = bench_running_batch(model, tok, t2i, b, args.timesteps, max(3, args.repeats), args.device)
+        flops = sampler_flops(model.config, b, prefix, n, 1, tok.codebook_size) - sampler_flops(
+            model.config, b, prefix, n, 0, tok.codebook_size)   # one step of b samples (no prefix)
+        running[b] = step_s
+        lines.append(f"| running batch {b} (one step) | {step_s:.4f} | {b / (args.timesteps * step_s):.3f} images/s "
+                     f"| {flops / step_s / 1e12:.1f} | {mfu(flops, step_s)} | {step_peak / 2**30:.2f} GiB |")
     best = min(replay, key=lambda k: replay[k][0])
     weights = params * torch.finfo(dtype).bits // 8
     state_bytes = 12 * params / args.ranks          # fp32 master + Adam m, v of the rank's ZeRO-2 shard
@@ -169,6 +218,7 @@ def main(argv=None) -> str:
     figures = [f"sampler images/s: {args.group / sec:.3f}", f"sampler MFU: {mfu(s_flops, sec)}",
                f"replay MFU: {mfu(unit_flops * replay[best][2], replay[best][0])}",
                f"replay peak GiB: {replay[best][1] / 2**30:.2f}", f"learner rank GiB: {rank_peak / 2**30:.1f}"]
+    figures += [f"running batch {b} images/s: {b / (args.timesteps * sec_b):.3f}" for b, sec_b in running.items()]
     text = "\n".join(lines) + "\n\n" + "\n".join(figures)
     print(text)
     sys.stdout.flush()

@@ -44,6 +44,23 @@ def _rollout_workers(cfg, n: int) -> list:
     return workers
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and all its descendants (the private Ray cluster's processes:
+    rollout actors, Serve replicas, raylet, GCS) so far."""
+    import psutil
+
+    total = 0.0
+    procs = [psutil.Process()]
+    procs += procs[0].children(recursive=True)
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def bench_group_sharding(cfg, repeats: int, log=print) -> dict:
     """Seconds of the rollout phase of one group (median of ``repeats``) per setting; needs a running Ray."""
     import ray
@@ -66,17 +83,21 @@ def bench_group_sharding(cfg, repeats: int, log=print) -> dict:
         threshold = calib.run([req])[0].init_threshold   # a calibrated threshold: the measured runs redraw
         req = dataclasses.replace(req, threshold=threshold)
         times: dict[str, list[float]] = {k: [] for k in settings}
+        cores: dict[str, list[float]] = {k: [] for k in settings}
         for r in range(repeats + 1):   # round 0 warms every actor and the Serve handles up
             for name, (n, shard) in settings.items():
                 per_actor = dataclasses.replace(cfg.rollout, samples_per_request=shard).inflight_shards(GROUP_SIZE)
                 d = GroupDispatcher(workers[:n], group_size=GROUP_SIZE, samples_per_request=shard, dsog=cfg.dsog,
                                     per_actor=per_actor)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu_seconds()
                 d.run([dataclasses.replace(req, step=r)])
                 if r:
                     times[name].append(time.perf_counter() - t0)
+                    cores[name].append((cpu_seconds() - c0) / times[name][-1])
             log(f"group sharding round {r}: " + ", ".join(f"{v[-1]:.2f}s" for v in times.values() if v))
-        return {k: statistics.median(v) for k, v in times.items()}
+        out = {k: statistics.median(v) for k, v in times.items()}
+        out["cores"] = {k: statistics.median(v) for k, v in cores.items()}
+        return out
     finally:
         for w in workers:   # our own actors, by handle
             ray.kill(w)
@@ -166,6 +187,7 @@ def bench_units_per_forward(cfg, repeats: int, log=print) -> dict:
 def render(shard: dict, upf: dict, overlap: dict, cfg, cont: dict, service_s: float) -> tuple[str, list[str]]:
     """(Markdown tables, ``NAME: VALUE`` lines). The sharding figure: the best 2-actor setting against the best
     1-actor setting (whole group or shards)."""
+    cores = shard.pop("cores", {})
     one = min(v for k, v in shard.items() if k.startswith("1 actor"))
     two_name = min((k for k in shard if k.startswith("2 actors")), key=shard.get)
     d = cfg.dsog
@@ -176,10 +198,12 @@ def render(shard: dict, upf: dict, overlap: dict, cfg, cont: dict, service_s: fl
              f"Group sharding: rollout phase of one group, G = {GROUP_SIZE}, T = {cfg.sampler.timesteps}, DSOG at "
              f"step {d.screen_step} (≤ {d.max_attempts} attempts, calibrated threshold), tiny config on CPU, each "
              f"rollout actor 1 torch thread (rollout.engine {cfg.rollout.engine}), reward experts on Ray Serve; "
-             "medians of interleaved runs.", "",
-             "| setting | seconds | speed-up vs the whole group on 1 actor |", "|---|---|---|"]
+             "medians of interleaved runs. CPU cores busy: CPU seconds of the whole cluster (actors, Serve replicas, "
+             "Ray) per wall second.", "",
+             "| setting | seconds | CPU cores busy | speed-up vs the whole group on 1 actor |", "|---|---|---|---|"]
     for name, sec in shard.items():
-        lines.append(f"| {name} | {sec:.2f} | {shard[BEFORE] / sec:.2f}× |")
+        busy = f"{cores[name]:.2f}" if name in cores else "n/a"
+        lines.append(f"| {name} | {sec:.2f} | {busy} | {shard[BEFORE] / sec:.2f}× |")
     lines += ["", f"Overlap: whole GRPO steps (G = {cfg.rollout.group_size}, T = {cfg.sampler.timesteps}, "
               f"{cfg.learner.num_ranks} DeepSpeed learner ranks, {cfg.rollout.num_workers} rollout actor(s), Ray "
               f"Serve rewards), blocks of {OVERLAP_BLOCK} steps per mode in turn; medians.", "",
