@@ -212,9 +212,11 @@ class RewardReplica:
         return {"expert": self.name, "replica": self.replica_id, "request_id": request_id, "scores": scores}
 
     def describe(self) -> dict:
-        """What the expert reads, which concepts it has references for, and the interpreter it runs in."""
+        """What the expert reads, which concepts it has references for, the interpreter it runs in, and how many
+        requests it holds now (``held``: waiting for a batch or being scored)."""
         return {"expert": self.name, "replica": self.replica_id, "requires": list(self.expert.requires),
-                "uses_references": self.expert.uses_references, "concepts": self.concepts, "python": sys.executable}
+                "uses_references": self.expert.uses_references, "concepts": self.concepts, "python": sys.executable,
+                "held": self._held}
 
     async def check_health(self) -> None:
         """Serve's health check: a one-sample self-score (and not too many consecutive internal errors)."""
