@@ -206,15 +206,23 @@ def test_every_dashboard_query_returns_data_under_a_real_prometheus(head, tiny_j
     assert job_ids == [job_id], (job_ids, job_id)
     renamed = prom_api(port, "query", query='count({__name__=~"ray_(grpo|reward_serve)_.+", exported_job!=""})')
     assert renamed["data"]["result"] == [], renamed
-    start, end = tiny_job["start"] - 30, time.time()
+    start = tiny_job["start"] - 30
+    deadline = time.time() + 60   # shared by every query: an empty one waits for more scrapes, 60 s in all
     table, empty = [], []
     for variables, label in (({"run": grafana_regex_value(run), "ray_job_id": grafana_regex_value(job_id)},
                               "selected"), ({"run": grafana_regex_value(run), "ray_job_id": ".*"}, "All jobs")):
         for title, ref, expr in dashboard_queries():
             query = substitute(expr, variables)
-            result = prom_api(port, "query_range", query=query, start=f"{start:.0f}", end=f"{end:.0f}",
-                              step="15")["data"]["result"]
-            finite = _finite(result)
+            # a rate() needs two scrapes of its series: a series first exported near the job's end (the rollout
+            # actors' client-side histograms) gets more scrapes (counters and histograms stay on the endpoint after
+            # the job) before its query counts as empty
+            while True:
+                result = prom_api(port, "query_range", query=query, start=f"{start:.0f}", end=f"{time.time():.0f}",
+                                  step="15")["data"]["result"]
+                finite = _finite(result)
+                if finite or time.time() > deadline:
+                    break
+                time.sleep(10)
             table.append((label, title, ref, len(result), finite, query))
             if not finite:
                 empty.append((label, title, ref, query))
