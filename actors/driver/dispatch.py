@@ -116,10 +116,10 @@ class TaskPool:
                             inflight.pop(r)
                             started.pop(r, None)
                         load[slot] = 0
-                        for i in [idx] + [i for _, i in lost]:
+                        requeue = sorted([idx] + [i for _, i in lost])
+                        for i in requeue:
                             self._count_try(i, exc, tries)
-                        for i in sorted([idx] + [i for _, i in lost], reverse=True):
-                            queue.appendleft((i, tasks[i]))
+                        queue.extendleft((i, tasks[i]) for i in reversed(requeue))
                         generation[slot] += 1
                         self._replace(slot, idx, exc)
                     continue

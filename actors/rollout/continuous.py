@@ -207,11 +207,6 @@ class ContinuousEngine:
                 req, fut = self._incoming.popleft()
             if not fut.set_running_or_notify_cancel():
                 continue
-            try:
-                self.engine._check(req)
-            except Exception as exc:   # a bad request fails its own caller only
-                fut.set_exception(exc)
-                continue
             taken.append((req, fut))
             rows += len(req.samples)
         if not taken:
@@ -220,7 +215,7 @@ class ContinuousEngine:
             t0 = time.perf_counter()
             try:
                 prep = self.engine.prepare(req)
-            except Exception as exc:
+            except Exception as exc:   # a bad request fails its own caller only
                 fut.set_exception(exc)
                 continue
             job = _Job(prep=prep, future=fut)
@@ -286,14 +281,14 @@ class ContinuousEngine:
             preview = self.engine.policy.vq.decode_uint8(
                 torch.cat([self.sampler.preview_ids(r.state) for r in job_rows]))
             self._busy += time.perf_counter() - t0
-            texts = [r.job.prep.screen_texts[r.pos] for r in job_rows]
-            self._call(("screen", job_rows), self.engine.scorer.screen, preview, texts,
-                       [job_rows[0].job.prep.req.concept] * len(job_rows))
+            job = job_rows[0].job
+            texts = [job.prep.screen_texts[r.pos] for r in job_rows]
+            self._call("screen", job, job_rows, self.engine.scorer.screen, preview, texts,
+                       [job.prep.req.concept] * len(job_rows))
 
-    def _call(self, what: tuple, fn, *args) -> None:
-        started = time.perf_counter()
-        fut = self._calls.submit(fn, *args)
-        self._inflight[fut] = what + (started,)
+    def _call(self, kind: str, job: _Job, payload, fn, *args) -> None:
+        """Run ``fn(*args)`` on a call thread for one shard; ``payload``: its screened rows or its images."""
+        self._inflight[self._calls.submit(fn, *args)] = (kind, job, payload, time.perf_counter())
 
     def _collect(self, block: bool) -> None:
         """Handle the calls that finished (waiting for one first when ``block``)."""
@@ -302,20 +297,16 @@ class ContinuousEngine:
         if block:
             wait(list(self._inflight), timeout=1.0, return_when=FIRST_COMPLETED)
         for fut in [f for f in self._inflight if f.done()]:
-            kind, payload, started = self._inflight.pop(fut)
-            jobs = {id(j): j for j in ([r.job for r in payload] if kind == "screen" else payload)}.values()
-            for job in jobs:
-                job.add_time(kind, time.perf_counter() - started)
+            kind, job, payload, started = self._inflight.pop(fut)
+            job.add_time(kind, time.perf_counter() - started)
             try:
                 out = fut.result()
-            except Exception as exc:   # e.g. a required expert that kept failing: its shards fail, others go on
-                for job in jobs:
-                    self._drop(job, exc)
+            except Exception as exc:   # e.g. a required expert that kept failing: its shard fails, others go on
+                self._drop(job, exc)
                 continue
-            if kind == "screen":   # one shard's rows; its rejected ones are redrawn as one cohort
-                job = payload[0].job
-                if job.failed:
-                    continue
+            if job.failed:
+                continue
+            if kind == "screen":   # the shard's rejected rows are redrawn as one cohort
                 redraw = [r for row, score in zip(payload, np.asarray(out).reshape(-1))
                           for r in self._screened(row, float(score))]
                 if redraw:
@@ -323,7 +314,7 @@ class ContinuousEngine:
                     self._ready.append(self._start(job, redraw))
                     self._busy += time.perf_counter() - t0
             else:
-                self._rewarded(payload, out)
+                self._rewarded(job, payload, *out)
 
     def _screened(self, row: _Row, score: float) -> list[tuple[int, int]]:
         """Record a screen score; returns the (position, attempt) redraws it calls for."""
@@ -367,28 +358,20 @@ class ContinuousEngine:
             images = self.engine.policy.vq.decode_uint8(
                 torch.cat([job.finished[p].state.final_ids for p in range(job.size)]))
             self._busy += time.perf_counter() - t0
-            self._call(("reward", [job]), self._score, job.prep.reward_args(images))
+            self._call("reward", job, images, self.engine.scorer.score, *job.prep.reward_args(images))
 
-    def _score(self, args: tuple) -> list[tuple]:
-        """Score one shard's samples (on a call thread): ``[(images, per_expert, total, dropped)]``."""
-        per_expert, total, dropped = self.engine.scorer.score(*args)
-        return [(args[0], per_expert, total, list(dropped))]
-
-    def _rewarded(self, jobs: list[_Job], outs: list[tuple]) -> None:
-        for job, (images, per_expert, total, dropped) in zip(jobs, outs):
-            if job.failed:
-                continue
-            res = job.prep.result
-            if job.loops is None:   # DSOG off: one attempt each, no screen
-                screen, attempts = [float("nan")] * job.size, [1] * job.size
-            else:
-                kept = [loop.result for loop in job.loops]
-                res.attempt_scores, res.attempt_accepted = attempt_major(job.loops)
-                res.forced_keeps = sum(int(r.forced) for r in kept)
-                screen, attempts = [r.kept_score for r in kept], [r.attempts for r in kept]
-            finished = [(job.finished[p].state, 0) for p in range(job.size)]
-            self.engine.finish(job.prep, finished, screen, attempts, images, per_expert, total, dropped)
-            self._complete(job)
+    def _rewarded(self, job: _Job, images, per_expert: dict, total, dropped) -> None:
+        res = job.prep.result
+        if job.loops is None:   # DSOG off: one attempt each, no screen
+            screen, attempts = [float("nan")] * job.size, [1] * job.size
+        else:
+            kept = [loop.result for loop in job.loops]
+            res.attempt_scores, res.attempt_accepted = attempt_major(job.loops)
+            res.forced_keeps = sum(int(r.forced) for r in kept)
+            screen, attempts = [r.kept_score for r in kept], [r.attempts for r in kept]
+        finished = [(job.finished[p].state, 0) for p in range(job.size)]
+        self.engine.finish(job.prep, finished, screen, attempts, images, per_expert, total, dropped)
+        self._complete(job)
 
     def _complete(self, job: _Job) -> None:
         """Return the shard's result: with the actor's busy / held seconds and the backend's failures since the

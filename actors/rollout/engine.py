@@ -220,6 +220,7 @@ class RolloutEngine:
         and for the rewards. By D7 every sample is the same whichever shard or actor produces it, provided the
         shard's composition is the same (batched float arithmetic may depend on the batch)."""
         t0 = time.perf_counter()
+        failures_before = dict(self._failure_totals())
         job = self.prepare(req)
         result = job.result
         t1 = time.perf_counter()
@@ -229,14 +230,13 @@ class RolloutEngine:
             result.timings.update(answer=t1 - t0,
                                   image=time.perf_counter() - t1 - result.timings.get("screen", 0.0))
             return result
-        t2 = time.perf_counter()
         final_ids = torch.stack([state.trajectory.final_ids[k] for state, k in finished])
         images = self.policy.vq.decode_uint8(final_ids)
         t3 = time.perf_counter()
         per_expert, total, dropped = self.scorer.score(*job.reward_args(images))
         t4 = time.perf_counter()
         self.finish(job, finished, screen_scores, attempts, images, per_expert, total, dropped)
-        result.reward_failures = self.failures_since(job.failures_before)
+        result.reward_failures = self.failures_since(failures_before)
         result.timings.update(answer=t1 - t0, image=t3 - t1 - result.timings.get("screen", 0.0), reward=t4 - t3,
                               busy=t3 - t0 - result.timings.get("screen", 0.0), held=t4 - t0)
         return result
@@ -251,29 +251,21 @@ class RolloutEngine:
         """Everything of a shard before its images: the request checked, the task drawn, the answers generated, the
         compound prompts and the screen / reward texts built (both engines start here). Shards are never batched
         together here: the answer log-probs would then depend on the batch's composition in their last bits."""
-        self._check(req)
-        return self._prepare_checked(req)
-
-    def _check(self, req: SampleRequest) -> None:
+        cfg, tok = self.cfg, self.policy.tok
         idx = [int(i) for i in req.samples]
-        g = self.cfg.rollout.group_size
+        g = cfg.rollout.group_size
         if not idx or len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= g:
             raise ValueError(f"SampleRequest.samples must be distinct indices in 0..{g - 1}, got {req.samples}")
-        if req.screen_only and not self.cfg.dsog.enabled:
+        if req.screen_only and not cfg.dsog.enabled:
             raise ValueError("SampleRequest.screen_only needs dsog.enabled")
-
-    def _prepare_checked(self, req: SampleRequest) -> "PreparedShard":
-        cfg, tok = self.cfg, self.policy.tok
         info = self.dataset.concept(req.concept).info
         mcfg = cfg.model
         tokens = ConceptPromptTokens.from_concept_tokens(
             self.policy.concepts[req.concept], num_understanding=mcfg.num_understanding_tokens,
             num_generation=mcfg.num_generation_tokens)
-        failures_before = dict(self._failure_totals())
         task = sample_task(self.dataset, req.concept, self._rng(req, "task"), text_ratio=cfg.data.text_task_ratio,
                            style=cfg.data.prompt_style)
         question = build_understanding_prompt(task, tokens)
-        idx = [int(i) for i in req.samples]
         mmu, answers = self._answers(req, task, question, idx)
         prompts, cuts = [], []
         for text in answers.texts:
@@ -282,8 +274,7 @@ class RolloutEngine:
             cuts.append(cut)
         screen_texts = [reward_prompt(p, tokens, info.class_word, style=task.style) for p in prompts]
         return PreparedShard(req=req, idx=idx, info=info, task=task, mmu=mmu, answers=answers, prompts=prompts,
-                             cuts=cuts, screen_texts=screen_texts, result=SampleResult(request=req, samples=[]),
-                             failures_before=failures_before)
+                             cuts=cuts, screen_texts=screen_texts, result=SampleResult(request=req, samples=[]))
 
     def finish(self, job: "PreparedShard", finished, screen_scores, attempts, images, per_expert, total,
                dropped) -> SampleResult:
@@ -330,19 +321,16 @@ class PreparedShard:
     screen_texts: list[str]
     """The screen and reward text of each sample (the generation prompt, D8)."""
     result: SampleResult
-    failures_before: dict[str, int]
-    """The reward backend's failure totals when the shard started (lock-step accounting)."""
 
-    def reward_args(self, images: np.ndarray, rows: list[int] | None = None) -> tuple:
-        """The ``Scorer.score`` arguments for ``images`` of the samples ``rows`` (positions in ``idx``; all)."""
-        rows = list(range(len(self.idx))) if rows is None else rows
+    def reward_args(self, images: np.ndarray) -> tuple:
+        """The ``Scorer.score`` arguments for the shard's decoded ``images`` (in ``idx`` order)."""
         if self.task.kind == "text":
             candidates, target = self.task.candidates, self.task.target_index
         else:   # visual-instruct: TIER compares with the reference answer (answer mode)
             candidates, target = [self.task.reference], -1
-        n = len(rows)
-        return (images, [self.screen_texts[i] for i in rows], [self.req.concept] * n, [self.info.category] * n,
-                [self.answers.texts[i] for i in rows], [candidates] * n, [target] * n)
+        n = len(self.idx)
+        return (images, list(self.screen_texts), [self.req.concept] * n, [self.info.category] * n,
+                list(self.answers.texts), [candidates] * n, [target] * n)
 
 
 def assemble_group(req: GroupRequest, shards: list[SampleResult]) -> GroupResult:

@@ -75,21 +75,19 @@ def bench_running_batch(model, tok, t2i, batch: int, timesteps: int, repeats: in
 
     sampler = MaskGITSampler(model, tok, SamplerConfig(timesteps=timesteps, guidance_scale=5.0))
     rows = t2i.input_ids.shape[0]
+
+    def fresh(i: int):
+        """A new single-sample state of prompt ``i % rows``."""
+        one = type(t2i)(**{k: (v[i % rows:i % rows + 1] if torch.is_tensor(v) else v) for k, v in vars(t2i).items()})
+        return sampler.start(one, [torch.Generator(device=device).manual_seed(i)])
+
     times, peak = [], 0
     with torch.no_grad():
-        states = []
-        for i in range(batch):   # sample i starts i steps behind sample 0 (modulo T): every step is represented
-            one = type(t2i)(**{k: (v[i % rows:i % rows + 1] if torch.is_tensor(v) else v)
-                               for k, v in vars(t2i).items()})
-            state = sampler.start(one, [torch.Generator(device=device).manual_seed(i)])
+        states = [fresh(i) for i in range(batch)]
+        for i, state in enumerate(states):   # sample i starts i steps behind sample 0 (modulo T): every step occurs
             sampler.run(state, stop_after_step=(batch - i) % timesteps)
-            states.append(state)
         for r in range(repeats + 1):
-            live = [s for s in states if not s.done]
-            if len(live) < batch:   # keep the batch full: finished samples start over
-                states = [s if not s.done else sampler.start(
-                    type(t2i)(**{k: (v[:1] if torch.is_tensor(v) else v) for k, v in vars(t2i).items()}),
-                    [torch.Generator(device=device).manual_seed(r)]) for s in states]
+            states = [fresh(i) if s.done else s for i, s in enumerate(states)]   # keep the batch full
             with peak_memory(device) as mem:
                 _sync(device)
                 t0 = time.perf_counter()
