@@ -43,15 +43,40 @@ TINY_TRAINER_OVERRIDES = ["rollout.group_size=3", "sampler.timesteps=8", "dsog.s
 """Shrinks the tiny CPU config further for service tests (G 3, T 8)."""
 
 
-def make_trainer_factory():
+SHARED_POOL_APP = "test-shared-rewards"
+"""``serve.app_name`` of the session's shared reward pool (:func:`shared_rewards`)."""
+
+ONE_AT_A_TIME = [f"serve.{e}.max_batch_size=1" for e in ("tier", "ber", "der", "fer")]
+"""Every expert scores each request alone, so a reward cannot depend on which requests a batch merged."""
+
+
+@pytest.fixture(scope="session")
+def shared_rewards(ray_cluster, sample_root):
+    """The trainer overrides (``serve.mode=shared``) of one reward pool deployed once per session on the sample
+    dataset, every expert scoring one request at a time (:data:`ONE_AT_A_TIME`).
+
+    Runs whose subject is not the reward deployment itself attach to it instead of deploying their own four
+    experts (about 30 s of set-up each on 2 cores); the owned path (deploy, stale-app replacement, deletion at the
+    end, replica kills) keeps its own tests. Deleted at session end."""
+    from actors.serving.deploy import deploy_rewards, shutdown_rewards
+    from configs.schema import load_config
+
+    cfg = load_config("tiny_cpu", [f"data.root={sample_root}", f"serve.app_name={SHARED_POOL_APP}", *ONE_AT_A_TIME])
+    deploy_rewards(cfg.serve, data_root=str(sample_root))
+    yield ["serve.mode=shared", f"serve.app_name={SHARED_POOL_APP}"]
+    shutdown_rewards(cfg.serve)
+
+
+def make_trainer_factory(extra=()):
     """``build(out_dir, root, overrides=(), resume=None)``: a set-up :class:`actors.driver.trainer.Trainer` on the tiny
-    config shrunk by :data:`TINY_TRAINER_OVERRIDES` (the caller calls ``shutdown``)."""
+    config shrunk by :data:`TINY_TRAINER_OVERRIDES`, then ``extra`` (e.g. :func:`shared_rewards`), then the caller's
+    overrides (the caller calls ``shutdown``)."""
     from actors.driver.trainer import Trainer
     from configs.schema import load_config
 
     def build(out_dir, root, overrides=(), resume=None):
         cfg = load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={out_dir}", *TINY_TRAINER_OVERRIDES,
-                                       *overrides])
+                                       *extra, *overrides])
         trainer = Trainer(cfg, resume=resume)
         trainer.setup()
         return trainer
@@ -74,6 +99,12 @@ def record_samples(trainer, seen: dict) -> None:
 def make_trainer():
     """Factory: a set-up :class:`actors.driver.trainer.Trainer` on the tiny config (caller calls ``shutdown``)."""
     return make_trainer_factory()
+
+
+@pytest.fixture
+def make_shared_trainer(shared_rewards):
+    """Like :func:`make_trainer`, the trainer attached to the session's shared reward pool."""
+    return make_trainer_factory(shared_rewards)
 
 
 @pytest.fixture(scope="session")

@@ -162,11 +162,9 @@ def test_sigterm_checkpoints_then_resume_auto_continues_without_duplicate_record
 
 # ---------------------------------------------------------------------------------- exact resume (Ray)
 @pytest.mark.slow
-def test_resume_after_step_k_reproduces_the_uninterrupted_run(ray_cluster, tmp_path, sample_root, make_trainer,
-                                                              caplog):
-    root = sample_root
-    common = ["run.steps=4", "run.checkpoint_every=2", "run.keep_last=3", "run.image_grid_every=2",
-              f"serve.http_port={_free_port()}"]
+def test_resume_after_step_k_reproduces_the_uninterrupted_run(tmp_path, sample_root, make_shared_trainer, caplog):
+    root, make_trainer = sample_root, make_shared_trainer
+    common = ["run.steps=4", "run.checkpoint_every=2", "run.keep_last=3", "run.image_grid_every=2"]
 
     seen_a, seen_b = {}, {}
     a = make_trainer(tmp_path, root, common)
@@ -201,14 +199,6 @@ def test_resume_after_step_k_reproduces_the_uninterrupted_run(ray_cluster, tmp_p
         assert torch.allclose(weights_b[key], value, rtol=0, atol=1e-6), key
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_config_changes_name_dotted_keys_including_new_sections():

@@ -123,7 +123,8 @@ def test_dead_reward_replica_and_dead_rollout_actor_cost_a_retry_not_the_step(ra
         trainer.shutdown()
 
 
-def test_sigterm_writes_a_checkpoint_and_resume_continues(ray_cluster, tmp_path, sample_root, make_trainer):
+def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path, sample_root, make_shared_trainer):
+    make_trainer = make_shared_trainer
     trainer = make_trainer(tmp_path, sample_root, ["run.steps=4", "run.checkpoint_every=100"])
     metrics_file = trainer.run_dir / "metrics.jsonl"
 
@@ -156,9 +157,9 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(ray_cluster, tmp_path,
     assert len(lines) == 4          # the resumed run appended exactly the missing steps
 
 
-def test_dead_learner_rank_rebuilds_the_group_from_the_last_checkpoint(ray_cluster, tmp_path, sample_root,
-                                                                       make_trainer, caplog):
-    trainer = make_trainer(tmp_path, sample_root, ["run.steps=3", "run.checkpoint_every=1"])
+def test_dead_learner_rank_rebuilds_the_group_from_the_last_checkpoint(tmp_path, sample_root, make_shared_trainer,
+                                                                       caplog):
+    trainer = make_shared_trainer(tmp_path, sample_root, ["run.steps=3", "run.checkpoint_every=1"])
     metrics_file = trainer.run_dir / "metrics.jsonl"
 
     def kill_rank_after_first_step():

@@ -94,12 +94,21 @@ def _run(make_trainer, out, root, role=None):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, tmp_path_factory, sample_root, make_trainer_module):
+def reference(tmp_path_factory, sample_root, make_trainer_module):
     return _run(make_trainer_module, tmp_path_factory.mktemp("clean"), sample_root)
 
 
 @pytest.fixture(scope="module")
-def make_trainer_module():
+def make_trainer_module(shared_rewards):
+    """Trainers attached to the session's shared reward pool (the runs that kill a reward replica own theirs)."""
+    from tests.conftest import make_trainer_factory
+
+    return make_trainer_factory(shared_rewards)
+
+
+@pytest.fixture(scope="module")
+def make_owning_trainer(ray_cluster):
+    """Trainers that deploy (and delete) a reward pool of their own."""
     from tests.conftest import make_trainer_factory
 
     return make_trainer_factory()
@@ -117,8 +126,9 @@ def _same_metrics(a: dict, b: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("role", list(VICTIMS))
-def test_kill_matrix(role, reference, tmp_path, sample_root, make_trainer_module):
-    got = _run(make_trainer_module, tmp_path, sample_root, role)
+def test_kill_matrix(role, reference, tmp_path, sample_root, make_trainer_module, make_owning_trainer):
+    make = make_owning_trainer if role == "reward replica" else make_trainer_module
+    got = _run(make, tmp_path, sample_root, role)
     assert [p for p, _, _ in got["fired"]] == list(PHASES)            # every phase was hit once
     assert [r["step"] for r in got["rows"]] == list(range(STEPS))      # each step exactly once on disk
     bad = [x for a, b in zip(reference["rows"], got["rows"]) for x in _same_metrics(a, b)]
@@ -143,10 +153,11 @@ from configs.schema import load_config
 from launch.train import connect_ray
 from actors.driver.trainer import Trainer
 
-out, root, phase, step = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+out, root, phase, step, shared = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
 from tests.conftest import TINY_TRAINER_OVERRIDES
 from tests.test_kill_matrix import OVERRIDES
-cfg = load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={out}", *TINY_TRAINER_OVERRIDES, *OVERRIDES])
+cfg = load_config("tiny_cpu", [f"data.root={root}", f"run.output_root={out}", *TINY_TRAINER_OVERRIDES, *shared,
+                               *OVERRIDES])
 connect_ray(cfg)                       # joins the test's cluster through RAY_ADDRESS
 trainer = Trainer(cfg, resume="auto")
 try:
@@ -175,9 +186,11 @@ def _assert_like_reference(reference: dict, run_dir) -> None:
         assert (got[name] - value).abs().max().item() <= 1e-6, name
 
 
-def test_kill_matrix_driver(reference, ray_cluster, tmp_path, sample_root):
+def test_kill_matrix_driver(reference, ray_cluster, shared_rewards, tmp_path, sample_root):
     """The driver SIGKILLed at each phase (one phase per step); each restart with --resume auto continues from the
-    last checkpoint; the run ends with the uninterrupted run's metrics and weights, each step once on disk."""
+    last checkpoint; the run ends with the uninterrupted run's metrics and weights, each step once on disk. The
+    drivers use the session's shared reward pool (which outlives them); a killed driver's owned pool being replaced
+    by the next run is tests/test_run_ownership.py's case."""
     import subprocess
     import sys
     from pathlib import Path
@@ -187,7 +200,7 @@ def test_kill_matrix_driver(reference, ray_cluster, tmp_path, sample_root):
     outcomes = []
     for step, phase in [*enumerate(PHASES), (None, None)]:
         args = [sys.executable, "-c", DRIVER, str(tmp_path), str(sample_root), str(phase),
-                str(-1 if step is None else step)]
+                str(-1 if step is None else step), *shared_rewards]
         proc = subprocess.run(args, cwd=root_dir, env=env, capture_output=True, text=True, timeout=1200)
         outcomes.append((phase, step, proc.returncode))
         expected = 0 if phase is None else -signal.SIGKILL

@@ -110,13 +110,15 @@ def _assert_same_run(ref, got):
 
 
 @pytest.fixture(scope="module")
-def overlapped(ray_cluster, tmp_path_factory, sample_root):
-    """The uninterrupted overlapped run (one rollout actor) and its sequential twin."""
+def overlapped(shared_rewards, tmp_path_factory, sample_root):
+    """The uninterrupted overlapped run (one rollout actor), its sequential twin, and the factory every run of this
+    module uses (attached to the session's shared reward pool)."""
     from tests.conftest import make_trainer_factory
 
-    make = make_trainer_factory()
+    make = make_trainer_factory(shared_rewards)
     return {"one_step": _run(make, tmp_path_factory.mktemp("overlap"), sample_root),
-            "none": _run(make, tmp_path_factory.mktemp("sequential"), sample_root, ["run.overlap=none"])}
+            "none": _run(make, tmp_path_factory.mktemp("sequential"), sample_root, ["run.overlap=none"]),
+            "make": make}
 
 
 @pytest.mark.slow
@@ -140,10 +142,8 @@ def test_overlapped_run_learns_one_step_off_policy(overlapped):
 @pytest.mark.slow
 def test_overlapped_run_resumes_exactly(overlapped, tmp_path, sample_root):
     from actors.driver.trainer import Preempted
-    from tests.conftest import make_trainer_factory
 
-    ref = overlapped["one_step"]
-    make = make_trainer_factory()
+    ref, make = overlapped["one_step"], overlapped["make"]
 
     def stop_after_step_1(trainer, phase, step):   # SIGTERM's path: finish the step, checkpoint, stop
         if (phase, step) == ("sync", 1):
@@ -192,14 +192,12 @@ def _kill_rollout_at_overlap(fired: list):
 def test_actor_killed_during_the_overlapped_phase(case, overlapped, tmp_path, sample_root, caplog):
     """A kill while the next step's rollout runs beside the update (phase 'rollout' of step 2 is fired after
     'learn' of step 1)."""
-    from tests.conftest import make_trainer_factory
-
     ref = overlapped["one_step"]
     extra = ["rollout.num_workers=2"] if case == "rollout, peer alive" else []
     fired: list = []
     hook = (_kill_learner_at_overlap if case == "learner" else _kill_rollout_at_overlap)(fired)
     with caplog.at_level("WARNING", logger="actors.driver.supervisor"):
-        got = _run(make_trainer_factory(), tmp_path, sample_root, extra, hook=hook)
+        got = _run(overlapped["make"], tmp_path, sample_root, extra, hook=hook)
     assert fired
     messages = [r.getMessage() for r in caplog.records]
     _assert_same_run(ref, got)

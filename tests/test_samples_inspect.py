@@ -343,10 +343,9 @@ def test_report_renders_offline_in_headless_chromium(tmp_path):
 
 # -- a real tiny run ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_tiny_two_step_run_records_every_sample_and_inspect_shows_them(ray_cluster, tmp_path, sample_root,
-                                                                      make_trainer):
-    trainer = make_trainer(tmp_path, sample_root, ["run.steps=2", "run.image_grid_every=0", "run.prompts_per_step=2",
-                                                   "run.name=rec"])
+def test_tiny_two_step_run_records_every_sample_and_inspect_shows_them(tmp_path, sample_root, make_shared_trainer):
+    trainer = make_shared_trainer(tmp_path, sample_root, ["run.steps=2", "run.image_grid_every=0",
+                                                          "run.prompts_per_step=2", "run.name=rec"])
     try:
         trainer.run()
         experts = list(trainer.cfg.serve.enabled)

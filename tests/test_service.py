@@ -76,14 +76,13 @@ def test_it_learns_a_solid_colour_der_reward(ray_cluster, tmp_path, sample_root,
     assert last > first + 0.03, rewards
 
 
-def test_one_or_two_rollout_actors_give_the_same_samples_and_loss(ray_cluster, tmp_path, sample_root, make_trainer):
-    # every expert scores each request alone: with two actors a Serve batch could otherwise merge their requests
-    # and change scores in the last float bits (bit-identity then holds up to that batching noise)
-    common = ["run.steps=1", "run.checkpoint_every=100", "run.image_grid_every=0", "run.prompts_per_step=2",
-              *[f"serve.{e}.max_batch_size=1" for e in ("tier", "ber", "der", "fer")]]
+def test_one_or_two_rollout_actors_give_the_same_samples_and_loss(tmp_path, sample_root, make_shared_trainer):
+    # the shared pool's experts score each request alone: with two actors a Serve batch could otherwise merge their
+    # requests and change scores in the last float bits (bit-identity then holds up to that batching noise)
+    common = ["run.steps=1", "run.checkpoint_every=100", "run.image_grid_every=0", "run.prompts_per_step=2"]
     outcomes = []
     for workers in (1, 2):
-        trainer = make_trainer(tmp_path / f"w{workers}", sample_root, common + [f"rollout.num_workers={workers}"])
+        trainer = make_shared_trainer(tmp_path / f"w{workers}", sample_root, common + [f"rollout.num_workers={workers}"])
         try:
             if workers == 2:   # the same request on either actor gives bit-identical samples (D7)
                 req = GroupRequest(step=5, prompt_index=0, concept="astro", threshold=None)

@@ -19,8 +19,8 @@ from rl.grpo.objective import group_advantages
 
 pytestmark = pytest.mark.slow
 
-# every expert scores each request alone: a Serve batch merging two actors' requests could change a score's last bits
-ALONE = [f"serve.{e}.max_batch_size=1" for e in ("tier", "ber", "der", "fer")]
+# both tests attach to the session's shared reward pool, whose experts score each request alone: a Serve batch
+# merging two actors' requests could change a score's last bits
 
 
 def _signature(results):
@@ -49,10 +49,10 @@ def _step_loss(backend, results):
     return sums["loss"], float(grad)
 
 
-def test_one_two_or_three_rollout_actors_give_the_same_samples_and_losses(ray_cluster, tmp_path, sample_root,
-                                                                          make_trainer):
-    trainer = make_trainer(tmp_path, sample_root, ["rollout.num_workers=3", "run.prompts_per_step=2",
-                                                   "rollout.samples_per_request=1", *ALONE])
+def test_one_two_or_three_rollout_actors_give_the_same_samples_and_losses(tmp_path, sample_root,
+                                                                          make_shared_trainer):
+    trainer = make_shared_trainer(tmp_path, sample_root, ["rollout.num_workers=3", "run.prompts_per_step=2",
+                                                          "rollout.samples_per_request=1"])
     try:
         cfg = trainer.cfg
         backend = make_showo_backend(cfg, torch.device("cpu"))
@@ -104,9 +104,9 @@ def test_one_two_or_three_rollout_actors_give_the_same_samples_and_losses(ray_cl
         trainer.shutdown()
 
 
-def test_a_rollout_actor_killed_in_the_middle_of_a_sharded_group(ray_cluster, tmp_path, sample_root, make_trainer):
-    trainer = make_trainer(tmp_path, sample_root, ["rollout.num_workers=2", "rollout.samples_per_request=1",
-                                                   "rollout.group_size=6", *ALONE])
+def test_a_rollout_actor_killed_in_the_middle_of_a_sharded_group(tmp_path, sample_root, make_shared_trainer):
+    trainer = make_shared_trainer(tmp_path, sample_root, ["rollout.num_workers=2", "rollout.samples_per_request=1",
+                                                          "rollout.group_size=6"])
     try:
         first = trainer.dispatcher.run(trainer.plan(0))   # warms up; calibrates the threshold the runs below use
         requests = [dataclasses.replace(trainer.plan(0)[0], threshold=first[0].init_threshold)]

@@ -132,11 +132,10 @@ class Trainer:
         for line in concept_checkpoint_lines(cfg.model, self.concepts):   # the policy's order (sorted)
             log.info("%s", line)
         self.placement = RolePlacement(cfg)
-        t = time.perf_counter()
-        self.rewards.start(data_root=self.dataset)  # references read once here, with data.reader
-        self.replica_watch = ReplicaDeathWatch({e: app_name(cfg.serve, e) for e in cfg.serve.enabled})
-        log.info("%s", role_line("rewards", cfg, None, time.perf_counter() - t))
-        self._replica_gauge_stop = watch_reward_replicas(cfg.serve)
+        t_rewards = time.perf_counter()
+        # submitted now, waited for after the learner and rollout actors have started: the replicas load their
+        # models while the learner group initialises (references read once here, with data.reader)
+        self.rewards.start(data_root=self.dataset)
         # the dataset was read and decoded once, in this driver: the learner ranks get the concept list, the rollout
         # actors the dataset itself through the object store
         learner_backend = functools.partial(make_showo_backend, concepts=concept_specs(self.dataset))
@@ -160,6 +159,10 @@ class Trainer:
         self.workers = self.rollouts.workers   # the pool's own list: replacements show here
         self.rollouts.wait_ready()
         log.info("%s", role_line("rollout", cfg, self.placement, time.perf_counter() - t))
+        self.rewards.wait_ready()
+        self.replica_watch = ReplicaDeathWatch({e: app_name(cfg.serve, e) for e in cfg.serve.enabled})
+        log.info("%s", role_line("rewards", cfg, None, time.perf_counter() - t_rewards))
+        self._replica_gauge_stop = watch_reward_replicas(cfg.serve)
         self.supervisor = Supervisor(cfg, self.rollouts, make_learners, self._restore_into)
         self.dispatcher = GroupDispatcher(self.workers, replace_actor=self._replace_worker,
                                           timeout_s=cfg.rollout.group_timeout_s, group_size=cfg.rollout.group_size,

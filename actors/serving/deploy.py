@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from actors.serving import metrics as reward_metrics
@@ -158,7 +159,24 @@ def build_application(cfg: ServeConfig, expert: str, source: dict | None):
 
 def deploy_rewards(cfg, data_root=None, references=None, categories: dict[str, str] | None = None
                    ) -> dict[str, Any]:
-    """Deploy every enabled expert (one application each) and wait until all replicas run.
+    """Deploy every enabled expert (one application each) and wait until all replicas run: :func:`submit_rewards`
+    then :func:`wait_deployed`. Returns ``{expert: DeploymentHandle}``."""
+    return wait_deployed(submit_rewards(cfg, data_root=data_root, references=references, categories=categories))
+
+
+@dataclass
+class PendingDeploy:
+    """Reward experts submitted to Serve by :func:`submit_rewards` whose replicas may still be starting."""
+
+    cfg: ServeConfig
+    """The serving config they were deployed with."""
+    submitted_at: float
+    """``time.monotonic()`` when they were submitted."""
+
+
+def submit_rewards(cfg, data_root=None, references=None, categories: dict[str, str] | None = None) -> PendingDeploy:
+    """Submit every enabled expert (one application each) to Serve and return without waiting for the replicas, so
+    the caller can start other roles meanwhile; :func:`wait_deployed` waits for them.
 
     Reference images: ``references`` (``{concept: [uint8 HWC]}`` or a Ray ObjectRef to one, with optional
     ``categories`` ``{concept: "human" | "animal" | "object"}``) or ``data_root`` (each replica reads the concepts'
@@ -166,7 +184,6 @@ def deploy_rewards(cfg, data_root=None, references=None, categories: dict[str, s
     the path: its concepts are then shipped as ``references``). ``cfg`` is the ServeConfig or a TrainConfig
     (its ``serve`` section). A replica registers a concept only with experts that its
     category weights in ``cfg.ensemble`` (FER: humans); concepts of unknown category go to every expert.
-    Returns ``{expert: DeploymentHandle}``.
     """
     import ray
     from ray import serve
@@ -191,6 +208,15 @@ def deploy_rewards(cfg, data_root=None, references=None, categories: dict[str, s
     targets = [serve.RunTarget(build_application(cfg, e, source), name=app_name(cfg, e), route_prefix=route(cfg, e),
                                external_scaler_enabled=not cfg.expert(e).autoscale) for e in cfg.enabled]
     serve.run_many(targets, wait_for_applications_running=False)  # all experts start in parallel
+    return PendingDeploy(cfg, t0)
+
+
+def wait_deployed(pending: PendingDeploy) -> dict[str, Any]:
+    """Wait until every expert of ``pending`` has its replicas running (``serve.deploy_timeout_s`` each); returns
+    ``{expert: DeploymentHandle}``."""
+    from ray import serve
+
+    cfg, t0 = pending.cfg, pending.submitted_at
     handles = {}
     for expert in cfg.enabled:
         ecfg = cfg.expert(expert)
