@@ -7,7 +7,59 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+LOCKS_ENV = "UNICTASK_TEST_LOCKS"
+"""Folder of the machine-share lock files of one pytest run, made by the controller, inherited by xdist workers."""
+
+
+@contextlib.contextmanager
+def machine_share(folder: str, exclusive: bool):
+    """Between the pytest-xdist workers of one run: held shared by every test, exclusively by a test marked
+    ``exclusive``, which so runs while no other test does. A turnstile lets a waiting exclusive test in before new
+    shared holders (no starvation)."""
+    with open(os.path.join(folder, "turnstile"), "a+") as turnstile, open(os.path.join(folder, "lock"), "a+") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+def pytest_configure(config):
+    """The controller (or a serial run) makes the run's lock folder before any xdist worker starts."""
+    if not hasattr(config, "workerinput"):
+        os.environ[LOCKS_ENV] = tempfile.mkdtemp(prefix="unictask-test-locks-")
+
+
+def pytest_unconfigure(config):
+    """The controller removes the run's lock folder after every worker has ended."""
+    if not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ.pop(LOCKS_ENV, ""), ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist (``-n 2``), a test marked ``exclusive`` (it arms a machine-wide memory threshold) waits until
+    the other worker's test ends and keeps the other worker waiting until it ends, fixtures' set-up and teardown
+    included. Serial runs take no lock."""
+    folder = os.environ.get(LOCKS_ENV)
+    if "PYTEST_XDIST_WORKER" not in os.environ or not folder:
+        yield
+        return
+    with machine_share(folder, item.get_closest_marker("exclusive") is not None):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +113,11 @@ def shared_rewards(ray_cluster, sample_root):
     from actors.serving.deploy import deploy_rewards, shutdown_rewards
     from configs.schema import load_config
 
-    cfg = load_config("tiny_cpu", [f"data.root={sample_root}", f"serve.app_name={SHARED_POOL_APP}", *ONE_AT_A_TIME])
+    # health checks (a one-sample self-score each) every 10 s, not the tiny preset's 2 s: this pool idles for most of
+    # the session
+    checks = [f"serve.{e}.health_check_period_s=10" for e in ("tier", "ber", "der", "fer")]
+    cfg = load_config("tiny_cpu", [f"data.root={sample_root}", f"serve.app_name={SHARED_POOL_APP}", *ONE_AT_A_TIME,
+                                   *checks])
     deploy_rewards(cfg.serve, data_root=str(sample_root))
     yield ["serve.mode=shared", f"serve.app_name={SHARED_POOL_APP}"]
     shutdown_rewards(cfg.serve)

@@ -11,8 +11,9 @@ from actors.cluster.ray_env import is_loopback_address, listening_sockets
 pytestmark = pytest.mark.slow
 
 
-def test_every_port_of_a_tiny_run_listens_on_loopback(ray_cluster, tmp_path, sample_root, make_trainer):
-    trainer = make_trainer(tmp_path, sample_root, ["run.steps=1", "run.image_grid_every=0"])
+def test_every_port_of_a_tiny_run_listens_on_loopback(tmp_path, sample_root, make_shared_trainer):
+    # the reward replicas are the session's shared pool's: processes of this cluster like the run's own would be
+    trainer = make_shared_trainer(tmp_path, sample_root, ["run.steps=1", "run.image_grid_every=0"])
     try:
         trainer.run()
         sockets = listening_sockets(os.getpid())   # this process and its descendants: the whole local cluster

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.serving.deploy import deploy_rewards, deployed_apps, shutdown_rewards
+from actors.serving.deploy import deploy_rewards, deployed_apps, replicas
 from configs.serve import ServeConfig
 
 pytestmark = pytest.mark.slow
@@ -42,23 +42,21 @@ def test_owned_pool_replaces_stale_apps_and_is_deleted_when_the_run_fails(ray_cl
     assert deployed_apps(cfg) == []                                # nothing of the run is left running
 
 
-def test_shared_pool_is_used_and_left_alone(ray_cluster, tmp_path, sample_root, make_trainer):
+def test_shared_pool_is_used_and_left_alone(ray_cluster, tmp_path, sample_root, make_trainer, shared_rewards):
     from configs.schema import load_config
 
-    cfg = load_config("tiny_cpu", [f"data.root={sample_root}", *ONE_STEP])
     with pytest.raises(Exception, match="serve.mode=shared but these applications are not deployed"):
-        make_trainer(tmp_path, sample_root, ONE_STEP + ["serve.mode=shared"])
-    deploy_rewards(cfg.serve, data_root=str(sample_root))        # the user's own pool
+        make_trainer(tmp_path, sample_root, ONE_STEP + ["serve.mode=shared", "serve.app_name=nobody-deployed-this"])
+    pool = load_config("tiny_cpu", [f"data.root={sample_root}", *shared_rewards])   # the session's pool
+    before = {e: [r["replica_id"] for r in replicas(pool.serve, e)] for e in pool.serve.enabled}
+    trainer = make_trainer(tmp_path, sample_root, ONE_STEP + shared_rewards)
     try:
-        trainer = make_trainer(tmp_path, sample_root, ONE_STEP + ["serve.mode=shared"])
-        try:
-            history = trainer.run()
-        finally:
-            trainer.shutdown()
-        assert [m["step"] for m in history] == [0]
-        assert deployed_apps(cfg) == APPS   # still there
+        history = trainer.run()
     finally:
-        shutdown_rewards(cfg)
+        trainer.shutdown()
+    assert [m["step"] for m in history] == [0]
+    assert deployed_apps(pool) == [f"{pool.serve.app_name}-{e}" for e in ("tier", "ber", "der", "fer")]  # still there
+    assert {e: [r["replica_id"] for r in replicas(pool.serve, e)] for e in pool.serve.enabled} == before  # untouched
 
 
 def test_serve_mode_is_validated():
