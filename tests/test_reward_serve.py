@@ -198,7 +198,11 @@ def test_failing_optional_expert_is_dropped_and_required_one_raises(served, refe
     assert result.weights["tier"][0] == pytest.approx(human["tier"] * scale)
     want = sum(human[n] * scale * result.per_expert[n][0] for n in ("tier", "ber", "der"))
     assert result.total[0] == pytest.approx(want, rel=1e-5)
-    broken.fer.required = True
+    # required: only fer and tier deployed, so fer's attempts are the first collected (sorted experts), each right
+    # after it was issued: a reply that arrived while other experts were collected would count (it is a reply)
+    broken.fer.required, broken.enabled = True, ["fer", "tier"]
+    for other in ("ber", "der", "clip"):
+        broken.expert(other).required = False
     with pytest.raises(RewardServiceError, match="'fer'.*timeout"):
         RewardClient(broken).score_all(batch, categories)
 
