@@ -38,15 +38,15 @@ def machine_share(folder: str, exclusive: bool):
 
 
 def pytest_configure(config):
-    """The controller (or a serial run) makes the run's lock folder before any xdist worker starts."""
-    if not hasattr(config, "workerinput"):
+    """The xdist controller (``-n N``) makes the run's lock folder before any worker starts."""
+    if not hasattr(config, "workerinput") and config.getoption("numprocesses", default=None):
         os.environ[LOCKS_ENV] = tempfile.mkdtemp(prefix="unictask-test-locks-")
 
 
 def pytest_unconfigure(config):
     """The controller removes the run's lock folder after every worker has ended."""
-    if not hasattr(config, "workerinput"):
-        shutil.rmtree(os.environ.pop(LOCKS_ENV, ""), ignore_errors=True)
+    if not hasattr(config, "workerinput") and LOCKS_ENV in os.environ:
+        shutil.rmtree(os.environ.pop(LOCKS_ENV), ignore_errors=True)
 
 
 LONGEST_FIRST = ("test_kill_matrix.py", "test_service.py", "test_multinode.py", "test_faults.py", "test_overlap.py",
@@ -111,14 +111,11 @@ TINY_TRAINER_OVERRIDES = ["rollout.group_size=3", "sampler.timesteps=8", "dsog.s
 SHARED_POOL_APP = "test-shared-rewards"
 """``serve.app_name`` of the session's shared reward pool (:func:`shared_rewards`)."""
 
-ONE_AT_A_TIME = [f"serve.{e}.max_batch_size=1" for e in ("tier", "ber", "der", "fer")]
-"""Every expert scores each request alone, so a reward cannot depend on which requests a batch merged."""
-
-
 @pytest.fixture(scope="session")
 def shared_rewards(ray_cluster, sample_root):
     """The trainer overrides (``serve.mode=shared``) of one reward pool deployed once per session on the sample
-    dataset, every expert scoring one request at a time (:data:`ONE_AT_A_TIME`).
+    dataset, every expert scoring one request at a time (``max_batch_size`` 1: a reward cannot depend on which
+    requests a batch merged).
 
     Runs whose subject is not the reward deployment itself attach to it instead of deploying their own four
     experts (about 30 s of set-up each on 2 cores); the owned path (deploy, stale-app replacement, deletion at the
@@ -126,11 +123,13 @@ def shared_rewards(ray_cluster, sample_root):
     from actors.serving.deploy import deploy_rewards, shutdown_rewards
     from configs.schema import load_config
 
-    # health checks (a one-sample self-score each) every 10 s, not the tiny preset's 2 s: this pool idles for most of
-    # the session
-    checks = [f"serve.{e}.health_check_period_s=10" for e in ("tier", "ber", "der", "fer")]
-    cfg = load_config("tiny_cpu", [f"data.root={sample_root}", f"serve.app_name={SHARED_POOL_APP}", *ONE_AT_A_TIME,
-                                   *checks])
+    cfg = load_config("tiny_cpu", [f"data.root={sample_root}", f"serve.app_name={SHARED_POOL_APP}"])
+    for expert in cfg.serve.enabled:
+        ecfg = cfg.serve.expert(expert)
+        ecfg.max_batch_size = 1
+        # health checks (a one-sample self-score each) every 10 s, not the tiny preset's 2 s: this pool idles for
+        # most of the session
+        ecfg.health_check_period_s = 10.0
     deploy_rewards(cfg.serve, data_root=str(sample_root))
     yield ["serve.mode=shared", f"serve.app_name={SHARED_POOL_APP}"]
     shutdown_rewards(cfg.serve)

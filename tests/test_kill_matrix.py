@@ -106,14 +106,6 @@ def make_trainer_module(shared_rewards):
     return make_trainer_factory(shared_rewards)
 
 
-@pytest.fixture(scope="module")
-def make_owning_trainer(ray_cluster):
-    """Trainers that deploy (and delete) a reward pool of their own."""
-    from tests.conftest import make_trainer_factory
-
-    return make_trainer_factory()
-
-
 def _same_metrics(a: dict, b: dict) -> list[str]:
     bad = []
     for k, v in a.items():
@@ -126,8 +118,8 @@ def _same_metrics(a: dict, b: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("role", list(VICTIMS))
-def test_kill_matrix(role, reference, tmp_path, sample_root, make_trainer_module, make_owning_trainer):
-    make = make_owning_trainer if role == "reward replica" else make_trainer_module
+def test_kill_matrix(role, reference, tmp_path, sample_root, make_trainer_module, make_trainer):
+    make = make_trainer if role == "reward replica" else make_trainer_module   # that run owns its pool
     got = _run(make, tmp_path, sample_root, role)
     assert [p for p, _, _ in got["fired"]] == list(PHASES)            # every phase was hit once
     assert [r["step"] for r in got["rows"]] == list(range(STEPS))      # each step exactly once on disk

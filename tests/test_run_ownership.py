@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.serving.deploy import deploy_rewards, deployed_apps, replicas
+from actors.serving.deploy import app_name, deploy_rewards, deployed_apps, replicas
 from configs.serve import ServeConfig
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def test_shared_pool_is_used_and_left_alone(ray_cluster, tmp_path, sample_root, 
     finally:
         trainer.shutdown()
     assert [m["step"] for m in history] == [0]
-    assert deployed_apps(pool) == [f"{pool.serve.app_name}-{e}" for e in ("tier", "ber", "der", "fer")]  # still there
+    assert deployed_apps(pool) == [app_name(pool.serve, e) for e in pool.serve.enabled]   # still there
     assert {e: [r["replica_id"] for r in replicas(pool.serve, e)] for e in pool.serve.enabled} == before  # untouched
 
 
